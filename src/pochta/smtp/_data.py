@@ -1,0 +1,150 @@
+"""Incremental dot-stuffing (RFC 5321 §4.5.2) for DATA, both directions. Stdlib only.
+
+The decoder is the SMTP-smuggling defence: the ONLY end of a DATA body is <CRLF>.<CRLF>.
+`<LF>.<LF>`, `<LF>.<CRLF>`, `<CR>.<CR>`, `<CRLF>.<LF>` and every other bare CR or LF are body
+bytes, and their presence marks the letter as bad (rejected when the real terminator arrives), so
+nothing after them can be taken as a new transaction (RFC 5321 §2.3.8: CR and LF only as CRLF).
+
+Work is done on whole buffers with bytes methods (find, count, replace, split), never per byte.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CRLF = b"\r\n"
+_TERMINATOR = b"\r\n.\r\n"
+
+
+@dataclass(slots=True)
+class DataFlags:
+    """What was wrong with a body; the first true flag decides the rejection reply."""
+
+    oversize: bool = False
+    bare_line_end: bool = False
+    nul: bool = False
+    long_line: bool = False
+
+    @property
+    def bad(self) -> bool:
+        return self.oversize or self.bare_line_end or self.nul or self.long_line
+
+
+class DotDecoder:
+    """Feed raw DATA bytes; get un-stuffed body pieces and, at the end, the bytes after it.
+
+    `feed(data)` returns `(body, done)`: `body` is un-stuffed bytes of complete lines (empty
+    once the body is bad: a bad body is consumed to its end but not passed on); when `done`,
+    `remainder()` holds the bytes that followed the terminator (the next pipelined commands).
+    """
+
+    def __init__(self, max_size: int, max_line: int) -> None:
+        self._buf = b""
+        self._line_start = True  # _buf begins at the start of a line
+        self._size = 0
+        self._max_size = max_size
+        self._max_line = max_line  # octets including CRLF (RFC 5321 §4.5.3.1.6)
+        self._rest = b""
+        self.flags = DataFlags()
+
+    @property
+    def size(self) -> int:
+        """Octets of un-stuffed body seen so far (also counted while bad)."""
+        return self._size
+
+    def remainder(self) -> bytes:
+        return self._rest
+
+    def feed(self, data: bytes) -> tuple[bytes, bool]:
+        buf = self._buf + data if self._buf else data
+        if self._line_start and buf[:3] == b".\r\n":
+            # A "." line right at a line start (the previous piece ended with CRLF).
+            self._rest = buf[3:]
+            self._buf = b""
+            return b"", True
+        end = buf.find(_TERMINATOR)
+        if end >= 0:
+            body, self._rest = buf[: end + 2], buf[end + 5 :]
+            self._buf = b""
+            return self._accept(body), True
+        cut = buf.rfind(CRLF)
+        if cut < 0:
+            self._buf = self._hold_partial(buf)
+            return b"", False
+        body, self._buf = buf[: cut + 2], buf[cut + 2 :]
+        out = self._accept(body)
+        self._line_start = True
+        if self._buf:
+            self._buf = self._hold_partial(self._buf)
+        return out, False
+
+    def _hold_partial(self, partial: bytes) -> bytes:
+        """Keep an incomplete line; if it is already too long, check and drop its bytes."""
+        if len(partial) < self._max_line:
+            return partial
+        self._check(partial)
+        self.flags.long_line = True
+        self._size += len(partial)
+        # Keep a trailing CR: it may be the start of the CRLF that ends this line.
+        keep = b"\r" if partial.endswith(b"\r") else b""
+        self._line_start = False
+        return keep
+
+    def _accept(self, body: bytes) -> bytes:
+        """Check and un-stuff complete lines (`body` ends with CRLF or is empty)."""
+        if not body:
+            return b""
+        self._check(body)
+        if self._line_start and body[:1] == b".":
+            body = body[1:]
+        body = body.replace(b"\r\n.", b"\r\n")
+        self._size += len(body)
+        if self._size > self._max_size:
+            self.flags.oversize = True
+        return b"" if self.flags.bad else body
+
+    def _check(self, chunk: bytes) -> None:
+        pairs = chunk.count(CRLF)
+        if chunk.count(b"\r") != pairs or chunk.count(b"\n") != pairs:
+            self.flags.bare_line_end = True
+        if b"\x00" in chunk:
+            self.flags.nul = True
+        if not self.flags.long_line and len(chunk) >= self._max_line:
+            longest = max(map(len, chunk.split(CRLF)))
+            if longest + 2 > self._max_line:
+                self.flags.long_line = True
+
+
+class DotEncoder:
+    """Dot-stuff outgoing body bytes; `end()` gives the terminator (adding a final CRLF if the
+    body did not end with one)."""
+
+    def __init__(self) -> None:
+        self._line_start = True
+        self._cr = False  # the previous piece ended with CR
+        self._empty = True
+
+    def encode(self, data: bytes) -> bytes:
+        if not data:
+            return b""
+        prefix = b""
+        if self._line_start and data[:1] == b".":
+            prefix, data = b".", data
+        elif self._cr and data[:2] == b"\n.":
+            prefix, data = b"\n.", data[1:]
+        out = prefix + data.replace(b"\r\n.", b"\r\n..")
+        self._line_start = data.endswith(b"\r\n") or (self._cr and data == b"\n")
+        self._cr = data.endswith(b"\r")
+        self._empty = False
+        return out
+
+    def end(self) -> bytes:
+        if self._empty or self._line_start:
+            return b".\r\n"
+        return b"\r\n.\r\n"
+
+
+def dot_stuff(body: bytes) -> bytes:
+    """Whole-body dot-stuffing plus terminator."""
+    enc = DotEncoder()
+    return enc.encode(body) + enc.end()
