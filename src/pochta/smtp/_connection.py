@@ -176,7 +176,7 @@ class Connection:
 
     # -- server: commands -------------------------------------------------------------------
     def _next_command(self) -> Event | _NeedData:
-        if self._pending:
+        if self._pending and self.state is not State.AUTH:
             raise LocalProtocolError("reply to the pending command first")
         while True:
             line = self._take_line(
@@ -193,7 +193,8 @@ class Connection:
             return self._command(line)
 
     def _reject(self, reply: Reply, why: str, *, fatal: bool = False) -> RemoteProtocolError:
-        self._pending.append(None)
+        if self.state is not State.AUTH:  # in AUTH the reply settles (ends) the AUTH command
+            self._pending.append(None)
         return RemoteProtocolError(why, reply, fatal=fatal)
 
     def _take_line(self, limit: int) -> bytes | None:
@@ -234,11 +235,7 @@ class Connection:
         except UnicodeDecodeError:
             raise self._reject(R.BAD_ENCODING, "8-bit garbage") from None
         if self.state is State.AUTH:
-            try:
-                return parse_auth_response(line)
-            except RemoteProtocolError as err:
-                self._pending.append(None)
-                raise err from None
+            return parse_auth_response(line)  # a 501 for bad base64 ends the exchange
         try:
             cmd = parse_command(line)
         except RemoteProtocolError as err:
@@ -384,7 +381,8 @@ class Connection:
         if self.state is State.START:
             self.state = State.INIT if reply.code == 220 else State.CLOSED
             return reply.to_bytes()
-        if self.state is State.AUTH and reply.code == 334:
+        if reply.code == 334 and self._pending and isinstance(self._pending[0], Auth):
+            self.state = State.AUTH  # RFC 4954 §4: the exchange goes on; AUTH stays pending
             return reply.to_bytes()
         if not self._pending:
             if reply.code == 421:

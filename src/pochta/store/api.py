@@ -31,7 +31,7 @@ DEFAULT_FOLDERS = (INBOX, SENT)
 
 
 def normalize_address(address: str) -> str:
-    """The stored form of an address: lowercase, surrounding whitespace and angle brackets removed."""
+    """The stored form of an address: lowercase, without surrounding blanks and brackets."""
     return address.strip().strip("<>").lower()
 
 
@@ -96,8 +96,9 @@ class Summary:
 class Target:
     """One mailbox copy of a letter.
 
-    `return_path` is the envelope sender recorded at final delivery (RFC 5321 §4.4): when not None,
-    `get_message()` returns the body with `Return-Path: <return_path>` prepended. Sent copies use None.
+    `return_path` is the envelope sender recorded at final delivery (RFC 5321 §4.4): when not
+    None, `get_message()` returns the body with `Return-Path: <return_path>` prepended. Sent
+    copies use None.
     """
 
     address: str  # the owning user's address (canonical, not an alias)

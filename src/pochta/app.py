@@ -1,0 +1,164 @@
+"""The composition root: builds a node from a `Config` and runs it. May import anything.
+
+A node is: the store, the TLS material, the SMTP listeners sharing one ServerContext, the
+outbound queue worker, and the relay (TURN/ETRN/ATRN) hooks. `pochta serve` runs one node;
+`pochta demo` runs two in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pochta import smtp
+from pochta import tls as tlsmod
+from pochta.auth.throttle import FailureThrottle
+from pochta.config import Config
+from pochta.errors import ConfigError
+from pochta.server.listener import ServerLimits, SmtpServer
+from pochta.server.session import RateLimiter, ServerContext
+from pochta.store import open_store
+from pochta.store.api import MailStore
+
+log = logging.getLogger(__name__)
+
+
+def tls_paths(cfg: Config) -> tuple[Path, Path]:
+    """The certificate and key: configured, or the self-signed pair in data_dir."""
+    if cfg.tls.cert or cfg.tls.key:
+        if not (cfg.tls.cert and cfg.tls.key):
+            raise ConfigError("[tls] needs both cert and key")
+        return cfg.path(cfg.tls.cert), cfg.path(cfg.tls.key)
+    return cfg.path("tls/cert.pem"), cfg.path("tls/key.pem")
+
+
+def load_tls(cfg: Config) -> ssl.SSLContext:
+    cert, key = tls_paths(cfg)
+    if not (cfg.tls.cert or cfg.tls.key):
+        tlsmod.ensure_self_signed(cert, key, cfg.hostname)
+    try:
+        return tlsmod.server_context(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load TLS certificate {cert}: {exc}") from None
+
+
+def scram_secret(cfg: Config) -> bytes:
+    """A per-node secret for SCRAM's fake salts of unknown users; made on first start."""
+    path = cfg.path("scram.secret")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(32))
+    return path.read_bytes()
+
+
+def smtp_limits(cfg: Config) -> smtp.Limits:
+    lim = cfg.limits
+    return smtp.Limits(
+        command_line=lim.command_line,
+        text_line=lim.text_line,
+        recipients=lim.recipients,
+        message_size=lim.message_size,
+    )
+
+
+async def open_node_store(cfg: Config) -> MailStore:
+    if cfg.store_url.startswith("sqlite:"):
+        Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
+    store = open_store(cfg.store_url)
+    await store.open()
+    return store
+
+
+@dataclass
+class Node:
+    """One running pochta node."""
+
+    cfg: Config
+    store: MailStore | None = None
+    server: SmtpServer | None = None
+    services: list[Any] = field(default_factory=list)
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        self.store = await open_node_store(cfg)
+        tls_context = load_tls(cfg)
+        ctx = ServerContext(
+            store=self.store,
+            hostname=cfg.hostname,
+            limits=smtp_limits(cfg),
+            auth_mechanisms=cfg.auth.mechanisms,
+            allow_plaintext_auth=cfg.auth.allow_plaintext,
+            throttle=FailureThrottle(
+                delay_after=cfg.auth.delay_after,
+                block_after=cfg.auth.block_after,
+                block_for=cfg.auth.block_for,
+            ),
+            rates=RateLimiter(cfg.submission.messages_per_hour, cfg.submission.recipients_per_hour),
+            scram_secret=scram_secret(cfg),
+            tls_available=True,
+            max_errors=cfg.limits.errors,
+            turn_enabled=cfg.relay.turn,
+            etrn_enabled=cfg.relay.etrn,
+        )
+        limits = ServerLimits(
+            connections=cfg.limits.connections,
+            connections_per_ip=cfg.limits.connections_per_ip,
+            command_timeout=cfg.timeouts.command,
+            data_timeout=cfg.timeouts.data,
+        )
+        self.server = SmtpServer(ctx, limits, tls_context)
+        for kind in ("mx", "submission", "submissions", "odmr"):
+            for address in getattr(cfg.listen, kind):
+                await self.server.listen(kind, address, reuse_port=cfg.workers > 1)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
+        for service in reversed(self.services):
+            await service.stop()
+        if self.store is not None:
+            await self.store.close()
+
+
+async def serve(cfg: Config) -> None:
+    """Run one node until SIGINT/SIGTERM."""
+    node = Node(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await node.start()
+        assert node.server is not None
+        addresses = ", ".join(f"{h}:{p}" for h, p in node.server.bound)
+        log.info("pochta %s serving on %s (store %s)", cfg.hostname, addresses, _safe(cfg))
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await node.stop()
+
+
+def _safe(cfg: Config) -> str:
+    url = cfg.store_url
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://...@{rest.rsplit('@', 1)[1]}"
+    return url
+
+
+def run(coro: Any) -> Any:
+    """asyncio.run with uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)

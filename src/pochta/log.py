@@ -1,0 +1,45 @@
+"""Logging: setup, a TRACE level for wire lines, and the key=value mail-event log. Stdlib only.
+
+The mail-event log (logger `pochta.maillog`) writes one stable line per event for operators and
+fail2ban: `event=rejected conn=... ip=... reason=...`. Peer-controlled strings are sanitised.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+TRACE = 5
+logging.addLevelName(TRACE, "TRACE")
+maillog = logging.getLogger("pochta.maillog")
+
+
+def setup(level: str = "info", mail_log: str = "") -> None:
+    """Configure the root logger on stderr (and the mail-event log's file, if given)."""
+    numeric = TRACE if level.lower() == "trace" else getattr(logging, level.upper(), logging.INFO)
+    logging.basicConfig(
+        level=numeric,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if mail_log:
+        handler = logging.FileHandler(mail_log)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        maillog.addHandler(handler)
+
+
+def clean(value: object, limit: int = 120) -> str:
+    """A peer string made safe for one log line: printable ASCII, quoted when needed, bounded."""
+    text = str(value)
+    out = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else f"\\x{ord(c):02x}" for c in text)
+    if len(out) > limit:
+        out = out[:limit] + "..."
+    return f'"{out}"' if (" " in out or not out) else out
+
+
+def event(name: str, **fields: object) -> None:
+    """Log one mail event as `event=NAME key=value ...`."""
+    if not maillog.isEnabledFor(logging.INFO):
+        return
+    parts = [f"event={name}"] + [f"{k}={clean(v)}" for k, v in fields.items()]
+    maillog.info(" ".join(parts))

@@ -1,0 +1,41 @@
+"""Message-ID and Date values (RFC 5322 §3.6.1, §3.6.4, §3.3). Imports stdlib only."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from datetime import UTC, datetime
+from email.utils import format_datetime
+
+# RFC 5322 §3.6.4: id-right = dot-atom-text / no-fold-literal; we only emit dot-atom-text.
+_DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
+
+
+def make_message_id(hostname: str) -> str:
+    """A new globally unique "<time.random@hostname>" (RFC 5322 §3.6.4).
+
+    Uniqueness comes from 96 random bits; the time prefix only helps humans. A hostname that is
+    not a valid dot-atom (empty, IDN U-labels, spaces) is replaced by "localhost.invalid".
+    """
+    host = hostname.strip().rstrip(".")
+    if not _DOT_ATOM.match(host):
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            host = ""
+        if not _DOT_ATOM.match(host):
+            host = "localhost.invalid"
+    return f"<{int(time.time()):x}.{secrets.token_hex(12)}@{host}>"
+
+
+def format_date(dt: datetime) -> str:
+    """RFC 5322 §3.3 date-time, e.g. "Tue, 01 Jul 2025 12:00:00 +0000"; naive means UTC."""
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return format_datetime(dt)
+
+
+def make_queue_id() -> str:
+    """A short unique id for one accepted letter, quoted in the 250 reply and in Received:."""
+    return f"{int(time.time() * 1000):x}{secrets.token_hex(5)}".upper()

@@ -1,0 +1,469 @@
+"""Server-role policy: turns the core's events into replies. Never touches a socket.
+Imports `smtp`, `store.api`, `auth`, `message`, `log` and `errors`.
+
+One `Session` per connection. The listener kind decides the policy:
+- `mx` (port 25): anyone may send to hosted domains and held relay domains; no AUTH; no relay.
+- `submission` (587, STARTTLS) and `submissions` (465, implicit TLS): AUTH is mandatory
+  (RFC 6409 §4.3), the sender must be the user or one of the user's aliases, any destination.
+- `odmr` (366): AUTH then ATRN (RFC 2645); see `server/relay.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+from pochta import log as maillog
+from pochta import smtp
+from pochta.auth import sasl
+from pochta.auth.throttle import FailureThrottle, auth_failure_log_line
+from pochta.errors import MailError, StoreUnavailable
+from pochta.message import headers, ids, received
+from pochta.smtp import Reply
+from pochta.smtp import replies as R
+from pochta.store.api import (
+    INBOX,
+    SENT,
+    Letter,
+    MailStore,
+    Target,
+    User,
+    domain_of,
+    normalize_address,
+)
+
+log = logging.getLogger(__name__)
+
+MX, SUBMISSION, SUBMISSIONS, ODMR = "mx", "submission", "submissions", "odmr"
+
+# Replies of the policy (RFC 5321 §4.2.3, RFC 3463, RFC 4954 §6, RFC 6409)
+USER_UNKNOWN = Reply(550, "5.1.1", "No such user here")
+RELAY_DENIED = Reply(550, "5.7.1", "Relaying denied")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested authentication")
+AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_UNAVAILABLE = Reply(502, "5.5.1", "AUTH not available on this port")
+AUTH_TEMP = Reply(454, "4.7.0", "Temporary authentication failure")
+AUTH_BLOCKED = Reply(421, "4.7.0", "Too many failed authentications, closing")
+UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
+NOT_YOUR_ADDRESS = Reply(553, "5.7.1", "Sender address not owned by authenticated user")
+RATE_LIMITED = Reply(451, "4.7.1", "Sending rate limit exceeded, try again later")
+STORE_BUSY = Reply(451, "4.3.0", "Temporary local problem, try again later")
+TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
+EXPN_DISABLED = Reply(502, "5.5.1", "EXPN not available")
+TURN_DISABLED = Reply(502, "5.5.1", "TURN not available")
+HELP = Reply(
+    214,
+    "2.0.0",
+    "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP\n"
+    "STARTTLS AUTH ETRN ATRN TURN\nSee RFC 5321",
+)
+
+
+class RateLimiter:
+    """Per-user sliding hour of messages and recipients (submission only)."""
+
+    def __init__(self, messages: int, recipients: int) -> None:
+        self.messages = messages
+        self.recipients = recipients
+        self._log: dict[str, list[tuple[float, int]]] = {}
+
+    def allow(self, user: str, rcpts: int, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        entries = [e for e in self._log.get(user, []) if now - e[0] < 3600]
+        sent_rcpts = sum(n for _, n in entries)
+        if len(entries) + 1 > self.messages or sent_rcpts + rcpts > self.recipients:
+            self._log[user] = entries
+            return False
+        entries.append((now, rcpts))
+        self._log[user] = entries
+        return True
+
+
+class RelayHooks(Protocol):
+    """What TURN/ETRN/ATRN need from the node (implemented in `server/relay.py`)."""
+
+    async def etrn(self, session: Session, argument: str) -> Reply: ...
+    async def atrn(self, session: Session, domains: tuple[str, ...]) -> Reply: ...
+    async def turn(self, session: Session) -> Reply: ...
+
+
+@dataclass
+class ServerContext:
+    """What every session of a node shares (built by `app.py`)."""
+
+    store: MailStore
+    hostname: str
+    limits: smtp.Limits
+    auth_mechanisms: tuple[str, ...] = sasl.MECHANISMS
+    allow_plaintext_auth: bool = False
+    throttle: FailureThrottle = field(default_factory=FailureThrottle)
+    rates: RateLimiter = field(default_factory=lambda: RateLimiter(1000, 5000))
+    scram_secret: bytes | None = None
+    tls_available: bool = False
+    max_errors: int = 10
+    wake_queue: Callable[[], None] = lambda: None
+    relay: RelayHooks | None = None
+    turn_enabled: bool = False
+    etrn_enabled: bool = True
+    delivered: int = 0  # letters accepted since start (for logs and benchmarks)
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+
+
+@dataclass
+class Transaction:
+    mail: smtp.MailFrom
+    targets: dict[str, str] = field(default_factory=dict)  # user address -> as given in RCPT
+    outbound: list[str] = field(default_factory=list)
+    chunks: list[bytes] = field(default_factory=list)
+
+
+class Session:
+    """The policy of one server connection."""
+
+    def __init__(
+        self, ctx: ServerContext, kind: str, peer_ip: str, conn_id: str, *, tls: str | None
+    ) -> None:
+        self.ctx = ctx
+        self.kind = kind
+        self.peer_ip = peer_ip
+        self.conn_id = conn_id
+        self.tls = tls
+        self.helo = ""
+        self.esmtp = False
+        self.user: User | None = None
+        self.tx: Transaction | None = None
+        self.errors = 0
+        self._sasl: sasl.SaslServer | None = None
+        self._sasl_done: User | None = None
+
+    # -- the listener's view ------------------------------------------------------------------
+    @property
+    def submission(self) -> bool:
+        return self.kind in (SUBMISSION, SUBMISSIONS, ODMR)
+
+    def greeting(self) -> Reply:
+        return Reply(220, "", f"{self.ctx.hostname} ESMTP pochta")
+
+    def extensions(self) -> frozenset[str]:
+        """Extensions the core enforces for this listener (they match the EHLO keywords)."""
+        return smtp.ALL_EXTENSIONS
+
+    def tls_started(self, description: str | None) -> None:
+        """After STARTTLS: forget everything from before (RFC 3207 §4.2)."""
+        self.tls = description
+        self.helo = ""
+        self.tx = None
+
+    def body_chunk(self, data: bytes) -> None:
+        if self.tx is not None:
+            self.tx.chunks.append(data)
+
+    def protocol_error(self, conn: smtp.Connection) -> None:
+        """A RemoteProtocolError was answered; drop a transaction the core has ended."""
+        self.errors += 1
+        if conn.state in (smtp.State.READY, smtp.State.INIT):
+            self.tx = None
+
+    # -- commands -----------------------------------------------------------------------------
+    async def handle(self, conn: smtp.Connection, event: smtp.Command) -> Reply:
+        """The reply to one command; policy and store errors become 4xx/5xx replies."""
+        try:
+            return await self._dispatch(conn, event)
+        except StoreUnavailable:
+            log.warning("conn=%s store unavailable", self.conn_id)
+            return STORE_BUSY
+        except MailError:
+            log.exception("conn=%s error handling %s", self.conn_id, type(event).__name__)
+            return STORE_BUSY.with_text(f"Local error (conn {self.conn_id})")
+
+    async def _dispatch(self, conn: smtp.Connection, event: smtp.Command) -> Reply:
+        match event:
+            case smtp.Ehlo(domain):
+                return self._ehlo(domain, esmtp=True)
+            case smtp.Helo(domain):
+                return self._ehlo(domain, esmtp=False)
+            case smtp.MailFrom():
+                return await self._mail(event)
+            case smtp.RcptTo(path):
+                return await self._rcpt(path)
+            case smtp.Data():
+                return R.START_INPUT
+            case smtp.EndOfData():
+                return await self._end_of_data(conn)
+            case smtp.Bdat(size, last):
+                if last:
+                    return await self._end_of_data(conn)
+                return Reply(250, "2.0.0", f"{size} octets received")
+            case smtp.Rset():
+                self.tx = None
+                return R.RESET_OK
+            case smtp.Noop():
+                return R.NOOP_OK
+            case smtp.Quit():
+                return Reply(221, "2.0.0", f"{self.ctx.hostname} closing connection")
+            case smtp.Vrfy():
+                return R.VRFY_CANNOT  # RFC 5321 §3.5.3: 252, no user enumeration
+            case smtp.Expn():
+                return EXPN_DISABLED
+            case smtp.Help():
+                return HELP
+            case smtp.StartTLS():
+                return R.READY_FOR_TLS if self.ctx.tls_available else TLS_UNAVAILABLE
+            case smtp.Auth(mechanism, initial):
+                return await self._auth_start(mechanism, initial)
+            case smtp.AuthResponse():
+                return await self._auth_step(event)
+            case smtp.Etrn(argument):
+                return await self._relay_call("etrn", argument)
+            case smtp.Atrn(domains):
+                return await self._relay_call("atrn", domains)
+            case smtp.Turn():
+                return await self._relay_call("turn", None)
+        return R.NOT_IMPLEMENTED
+
+    def _ehlo(self, domain: str, *, esmtp: bool) -> Reply:
+        self.helo, self.esmtp, self.tx = domain, esmtp, None
+        if not esmtp:
+            return Reply(250, "", f"{self.ctx.hostname} Hello {domain}")
+        lines = [f"{self.ctx.hostname} Hello {domain}", "PIPELINING"]
+        lines += [f"SIZE {self.ctx.limits.message_size}", "8BITMIME", "SMTPUTF8"]
+        lines += ["CHUNKING", "BINARYMIME", "ENHANCEDSTATUSCODES"]
+        if self.ctx.tls_available and self.tls is None:
+            lines.append("STARTTLS")
+        if self.submission and (self.tls is not None or self.ctx.allow_plaintext_auth):
+            lines.append("AUTH " + " ".join(self.ctx.auth_mechanisms))
+        if self.ctx.relay is not None:
+            if self.ctx.etrn_enabled and self.kind in (MX, SUBMISSION, SUBMISSIONS):
+                lines.append("ETRN")
+            if self.kind == ODMR:
+                lines.append("ATRN")
+            if self.ctx.turn_enabled and self.kind in (SUBMISSION, SUBMISSIONS):
+                lines.append("TURN")
+        return Reply(250, "", "\n".join(lines))
+
+    # -- the transaction ----------------------------------------------------------------------
+    async def _mail(self, event: smtp.MailFrom) -> Reply:
+        if self.submission:
+            if self.user is None:
+                return AUTH_REQUIRED  # RFC 6409 §4.3, RFC 4954 §6
+            if not await self._owns(event.path.address):
+                maillog.event(
+                    "rejected",
+                    conn=self.conn_id,
+                    ip=self.peer_ip,
+                    reason="sender not owned",
+                    sender=event.path.address,
+                )
+                return NOT_YOUR_ADDRESS
+        self.tx = Transaction(event)
+        return R.SENDER_OK
+
+    async def _owns(self, address: str) -> bool:
+        """The authenticated user may send as its own address or an alias it owns."""
+        if self.user is None or not address:
+            return False
+        owner = await self.ctx.store.resolve(address)
+        return owner == self.user.address
+
+    async def _rcpt(self, path: smtp.Path) -> Reply:
+        tx = self.tx
+        assert tx is not None  # the core allows RCPT only after MAIL
+        store = self.ctx.store
+        address = normalize_address(path.address)
+        if not path.domain:  # RFC 5321 §4.1.1.3: <postmaster> means this host's postmaster
+            address = await self._local_postmaster()
+        domain = domain_of(address)
+        if await store.hosts_domain(domain):
+            user = await store.resolve(address)
+            if user is None:
+                maillog.event(
+                    "rejected",
+                    conn=self.conn_id,
+                    ip=self.peer_ip,
+                    reason="unknown user",
+                    rcpt=address,
+                )
+                return USER_UNKNOWN
+            tx.targets.setdefault(user, address)
+            return R.RECIPIENT_OK
+        if self.user is not None or await self._held(domain):
+            if address not in tx.outbound:
+                tx.outbound.append(address)
+            return R.RECIPIENT_OK
+        maillog.event(
+            "rejected", conn=self.conn_id, ip=self.peer_ip, reason="relay denied", rcpt=address
+        )
+        return RELAY_DENIED
+
+    async def _held(self, domain: str) -> bool:
+        return any(r.domain == domain for r in await self.ctx.store.list_relay_domains())
+
+    async def _local_postmaster(self) -> str:
+        domains = await self.ctx.store.list_domains()
+        name = self.ctx.hostname.lower()
+        for d in domains:  # the domain of our hostname, else the first hosted one
+            if name == d.name or name.endswith("." + d.name):
+                return f"postmaster@{d.name}"
+        return f"postmaster@{domains[0].name}" if domains else "postmaster"
+
+    async def _end_of_data(self, conn: smtp.Connection) -> Reply:
+        tx, self.tx = self.tx, None
+        assert tx is not None
+        raw = b"".join(tx.chunks)
+        tx.chunks.clear()
+        if self.user is not None and self.submission:
+            refusal = await self._check_submitted(raw, tx)
+            if refusal is not None:
+                return refusal
+            raw = self._complete_headers(raw)
+        queue_id = ids.make_queue_id()
+        sender = tx.mail.path.address
+        body = self._trace_header(tx, queue_id, conn) + raw
+        targets = [Target(u, INBOX, return_path=sender) for u in tx.targets]
+        if self.user is not None and self.submission:
+            targets.append(Target(self.user.address, SENT))
+        letter = Letter(body, sender, headers.parse_summary(raw), targets, tx.outbound)
+        accepted = await self.ctx.store.deliver(letter)  # durable before the 250
+        self.ctx.delivered += 1
+        if accepted.queue_id is not None:
+            self.ctx.wake_queue()
+        maillog.event(
+            "accepted",
+            conn=self.conn_id,
+            ip=self.peer_ip,
+            id=queue_id,
+            sender=sender or "<>",
+            rcpts=len(tx.targets) + len(tx.outbound),
+            size=len(body),
+            queue=accepted.queue_id or "-",
+        )
+        return Reply(250, "2.0.0", f"OK queued as {queue_id}")
+
+    async def _check_submitted(self, raw: bytes, tx: Transaction) -> Reply | None:
+        assert self.user is not None
+        for address in headers.from_addresses(raw):  # RFC 6409 §8.1 sender checks
+            if not await self._owns(address):
+                return NOT_YOUR_ADDRESS.with_text("From: header not owned by authenticated user")
+        if not self.ctx.rates.allow(self.user.address, len(tx.targets) + len(tx.outbound)):
+            maillog.event("ratelimited", conn=self.conn_id, user=self.user.address)
+            return RATE_LIMITED
+        return None
+
+    def _complete_headers(self, raw: bytes) -> bytes:
+        """RFC 6409 §8.2-8.3: add Message-ID and Date when the client did not."""
+        extra = b""
+        if not headers.has_header(raw, "Message-ID"):
+            extra += f"Message-ID: {ids.make_message_id(self.ctx.hostname)}\r\n".encode()
+        if not headers.has_header(raw, "Date"):
+            extra += f"Date: {ids.format_date(datetime.now(UTC))}\r\n".encode()
+        return extra + raw
+
+    def _trace_header(self, tx: Transaction, queue_id: str, conn: smtp.Connection) -> bytes:
+        protocol = "ESMTP" if self.esmtp else "SMTP"
+        if tx.mail.smtputf8:
+            protocol = "UTF8SMTP"  # RFC 6531 §3.7.3
+        if self.tls is not None:
+            protocol += "S"
+        if self.user is not None:
+            protocol += "A"  # RFC 3848
+        rcpts = list(tx.targets.values()) + tx.outbound
+        return received.received_header(
+            from_helo=self.helo,
+            peer_ip=self.peer_ip,
+            peer_host=None,
+            by_host=self.ctx.hostname,
+            protocol=protocol,
+            queue_id=queue_id,
+            recipient=rcpts[0] if len(rcpts) == 1 else None,
+            tls=self.tls,
+            when=datetime.now(UTC),
+        )
+
+    # -- AUTH (RFC 4954) ----------------------------------------------------------------------
+    async def _auth_start(self, mechanism: str, initial: bytes | None) -> Reply:
+        if not self.submission:
+            return AUTH_UNAVAILABLE
+        if self.tls is None and not self.ctx.allow_plaintext_auth:
+            return ENCRYPTION_REQUIRED  # RFC 4954 §4, RFC 8314
+        if self.ctx.throttle.blocked(self.peer_ip):
+            return AUTH_BLOCKED
+        if mechanism not in self.ctx.auth_mechanisms:
+            return UNKNOWN_MECHANISM
+        try:
+            self._sasl = sasl.start(
+                mechanism, self.ctx.store.get_user, secret=self.ctx.scram_secret
+            )
+        except sasl.UnknownMechanism:
+            return UNKNOWN_MECHANISM
+        self._sasl_done = None
+        return await self._sasl_step(initial)
+
+    async def _auth_step(self, event: smtp.AuthResponse) -> Reply:
+        if event.cancelled:
+            self._sasl = self._sasl_done = None
+            return R.AUTH_CANCELLED
+        if self._sasl_done is not None:  # the client acknowledged our final SCRAM data
+            return self._auth_success(self._sasl_done)
+        return await self._sasl_step(event.data)
+
+    async def _sasl_step(self, data: bytes | None) -> Reply:
+        assert self._sasl is not None
+        try:
+            step = await self._sasl.step(data)
+        except StoreUnavailable:
+            return AUTH_TEMP
+        if isinstance(step, sasl.Challenge):
+            return Reply(334, "", smtp.encode_base64(step.data) if step.data else "")
+        if isinstance(step, sasl.Success):
+            if step.data:  # SCRAM's server-final goes in a 334; the client answers empty
+                self._sasl_done = step.user
+                return Reply(334, "", smtp.encode_base64(step.data))
+            return self._auth_success(step.user)
+        return await self._auth_failure(step)
+
+    def _auth_success(self, user: User) -> Reply:
+        self.user, self._sasl, self._sasl_done = user, None, None
+        self.ctx.throttle.record_success(self.peer_ip)
+        maillog.event("auth", conn=self.conn_id, ip=self.peer_ip, user=user.address)
+        return AUTH_OK
+
+    async def _auth_failure(self, failure: sasl.Failure) -> Reply:
+        username = (self._sasl.username if self._sasl else None) or ""
+        mechanism = self._sasl.mechanism if self._sasl else ""
+        self._sasl = None
+        self.ctx.throttle.record_failure(self.peer_ip)
+        logging.getLogger("pochta.auth").warning(
+            auth_failure_log_line(self.peer_ip, username, mechanism)
+        )
+        delay = self.ctx.throttle.delay(self.peer_ip)
+        if delay > 0:
+            await self.ctx.sleep(delay)
+        if self.ctx.throttle.blocked(self.peer_ip):
+            return AUTH_BLOCKED
+        return (
+            R.AUTH_BAD_BASE64.with_text("Malformed authentication data")
+            if (failure.malformed)
+            else AUTH_FAILED
+        )
+
+    # -- TURN, ETRN, ATRN ---------------------------------------------------------------------
+    async def _relay_call(self, verb: str, arg: object) -> Reply:
+        relay = self.ctx.relay
+        if relay is None:
+            return R.NOT_IMPLEMENTED
+        if verb == "etrn" and isinstance(arg, str):
+            return await relay.etrn(self, arg) if self.ctx.etrn_enabled else R.NOT_IMPLEMENTED
+        if verb == "atrn" and isinstance(arg, tuple):
+            return await relay.atrn(self, arg) if self.kind == ODMR else R.NOT_IMPLEMENTED
+        if verb == "turn":
+            if not (self.ctx.turn_enabled and self.kind in (SUBMISSION, SUBMISSIONS)):
+                return TURN_DISABLED
+            return await relay.turn(self)
+        return R.NOT_IMPLEMENTED
