@@ -292,6 +292,9 @@ class MailStore(Protocol):
     async def get_message(self, message_id: int) -> StoredMessage:
         """One message with its raw bytes (Return-Path prepended when recorded) (NotFound)."""
 
+    async def delete_message(self, message_id: int) -> None:
+        """Expunge one message; its UID is never reused; bumps the mailbox modseq (NotFound)."""
+
     # -- the outbound queue -------------------------------------------------------------------
     async def claim(
         self,

@@ -1,0 +1,94 @@
+"""SQLite-engine specifics: group commit, file handling, migrations, lock errors."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from pochta.errors import StoreUnavailable
+from pochta.store._common import load_migrations
+from pochta.store.api import Target
+from pochta.store.sqlite import SqliteStore
+from pochta.testing.storecheck import letter
+
+
+async def _opened(path: Path, **kwargs: int) -> SqliteStore:
+    store = SqliteStore(path, **kwargs)
+    await store.open()
+    await store.add_domain("example.test")
+    await store.add_user("bob@example.test", "h")
+    return store
+
+
+async def test_concurrent_delivers_share_commits(tmp_path: Path) -> None:
+    store = await _opened(tmp_path / "mail.db")
+    try:
+        before = store.commits
+        mail = letter(targets=[Target("bob@example.test")])
+        results = await asyncio.gather(*(store.deliver(mail) for _ in range(200)))
+        used = store.commits - before
+        assert len({r.message_ids[0] for r in results}) == 200
+        assert 1 <= used < 200, f"{used} commits for 200 deliveries: no group commit"
+    finally:
+        await store.close()
+
+
+async def test_directory_created_and_data_survives_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "mail.db"
+    store = await _opened(path)
+    accepted = await store.deliver(letter(b"kept", targets=[Target("bob@example.test")]))
+    await store.close()
+    again = SqliteStore(path)
+    await again.open()
+    try:
+        assert (await again.get_message(accepted.message_ids[0])).raw == b"kept"
+        assert await again.schema_version() == max(v for v, _, _ in load_migrations("sqlite"))
+    finally:
+        await again.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        versions = conn.execute("SELECT version FROM schema_version").fetchall()
+    assert versions == [(v,) for v, _, _ in load_migrations("sqlite")]  # applied once each
+
+
+async def test_locked_database_is_store_unavailable_then_recovers(tmp_path: Path) -> None:
+    path = tmp_path / "mail.db"
+    store = await _opened(path, busy_timeout_ms=100)
+    try:
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+        with pytest.raises(StoreUnavailable):
+            await store.deliver(letter(targets=[Target("bob@example.test")]))
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        await store.deliver(letter(targets=[Target("bob@example.test")]))
+        assert len(await store.list_messages("bob@example.test")) == 1
+    finally:
+        await store.close()
+
+
+async def test_closed_store_is_unavailable(tmp_path: Path) -> None:
+    store = await _opened(tmp_path / "mail.db")
+    await store.close()
+    with pytest.raises(StoreUnavailable):
+        await store.list_domains()
+    with pytest.raises(StoreUnavailable):
+        await store.add_domain("other.test")
+
+
+async def test_pending_writes_commit_before_close(tmp_path: Path) -> None:
+    store = await _opened(tmp_path / "mail.db")
+    mail = letter(targets=[Target("bob@example.test")])
+    pending = [asyncio.ensure_future(store.deliver(mail)) for _ in range(50)]
+    await asyncio.sleep(0)  # let them reach the writer queue
+    await store.close()
+    assert all(f.done() and not f.cancelled() and f.exception() is None for f in pending)
+    again = SqliteStore(tmp_path / "mail.db")
+    await again.open()
+    try:
+        assert len(await again.list_messages("bob@example.test")) == 50
+    finally:
+        await again.close()
