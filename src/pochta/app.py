@@ -8,6 +8,7 @@ outbound queue worker, and the relay (TURN/ETRN/ATRN) hooks. `pochta serve` runs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -145,6 +146,38 @@ async def serve(cfg: Config) -> None:
         log.info("shutting down")
     finally:
         await node.stop()
+
+
+def serve_processes(cfg: Config) -> None:
+    """Run the node in `cfg.workers` processes sharing the listening ports (SO_REUSEPORT), so
+    every core works; the parent forwards SIGINT/SIGTERM and waits for its children."""
+    if cfg.workers <= 1:
+        run(serve(cfg))
+        return
+    load_tls(cfg)  # make the self-signed certificate once, before the children race for it
+    scram_secret(cfg)
+    children: list[int] = []
+    for _ in range(cfg.workers):
+        pid = os.fork()
+        if pid == 0:  # the child runs one node and never returns into the parent's code
+            code = 0
+            try:
+                run(serve(cfg))
+            except BaseException:
+                log.exception("worker process failed")
+                code = 1
+            os._exit(code)
+        children.append(pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    for child in children:
+        os.waitpid(child, 0)
 
 
 def _safe(cfg: Config) -> str:
