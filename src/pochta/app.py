@@ -9,21 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import secrets
 import signal
 import ssl
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from pochta import smtp
 from pochta import tls as tlsmod
 from pochta.auth.throttle import FailureThrottle
+from pochta.client.session import Timeouts as ClientTimeouts
 from pochta.config import Config
+from pochta.dns import DnsResolver, is_ip, parse_hostport
 from pochta.errors import ConfigError
+from pochta.queue.worker import QueueWorker, make_owner
+from pochta.relay_fetch import FetchSchedule, parse_fetch_entry
 from pochta.server.listener import ServerLimits, SmtpServer
+from pochta.server.relay import RelayService, RelaySettings
 from pochta.server.session import RateLimiter, ServerContext
 from pochta.store import open_store
 from pochta.store.api import MailStore
@@ -79,6 +86,124 @@ async def open_node_store(cfg: Config) -> MailStore:
     return store
 
 
+def resolver(cfg: Config) -> DnsResolver:
+    """The outbound resolver from [dns]: "ip" / "ip:port" name servers (none: the system's)."""
+    servers: list[tuple[str, int]] = []
+    for entry in cfg.dns.nameservers:
+        try:
+            host, port = parse_hostport(entry)
+        except ValueError as exc:
+            raise ConfigError(f"[dns] nameservers: {exc}") from None
+        servers.append((host, port or 53))
+    routes = {domain: list(hosts) for domain, hosts in cfg.dns.routes.items()}
+    return DnsResolver(servers or None, routes, cfg.dns.timeout)
+
+
+def queue_worker(cfg: Config, store: MailStore) -> QueueWorker:
+    """The outbound queue worker from [delivery], [queue] and [timeouts]."""
+    t = cfg.timeouts
+    return QueueWorker(
+        store,
+        resolver(cfg),
+        hostname=cfg.hostname,
+        owner=make_owner(cfg.hostname),
+        port=cfg.delivery.port,
+        concurrency=cfg.delivery.workers,
+        lease=cfg.delivery.lease,
+        poll=cfg.delivery.poll,
+        schedule=cfg.queue.retry,
+        give_up_after=cfg.queue.give_up_after,
+        warn_after=cfg.queue.warn_after,
+        timeouts=ClientTimeouts(
+            connect=t.connect,
+            greeting=t.greeting,
+            command=t.mail,
+            data_init=t.data_init,
+            data_block=t.data_block,
+            data_end=t.data_end,
+        ),
+        require_tls=cfg.delivery.require_tls,
+        local_address=source_address(cfg),
+    )
+
+
+def source_address(cfg: Config) -> str | None:
+    """Outbound connections leave from the MX listener's address when it is one specific IP
+    (a node bound to 127.0.0.2 also sends from it); None (the kernel's choice) otherwise."""
+    for address in cfg.listen.mx:
+        host = address.rpartition(":")[0].strip("[]")
+        if is_ip(host) and not ipaddress.ip_address(host).is_unspecified:
+            return host
+    return None
+
+
+def server_context(cfg: Config, store: MailStore, *, tls_available: bool) -> ServerContext:
+    """What every SMTP session of this node shares."""
+    return ServerContext(
+        store=store,
+        hostname=cfg.hostname,
+        limits=smtp_limits(cfg),
+        auth_mechanisms=cfg.auth.mechanisms,
+        allow_plaintext_auth=cfg.auth.allow_plaintext,
+        throttle=FailureThrottle(
+            delay_after=cfg.auth.delay_after,
+            block_after=cfg.auth.block_after,
+            block_for=cfg.auth.block_for,
+        ),
+        rates=RateLimiter(cfg.submission.messages_per_hour, cfg.submission.recipients_per_hour),
+        scram_secret=scram_secret(cfg),
+        tls_available=tls_available,
+        max_errors=cfg.limits.errors,
+        turn_enabled=cfg.relay.turn,
+        etrn_enabled=cfg.relay.etrn,
+    )
+
+
+def server_limits(cfg: Config) -> ServerLimits:
+    return ServerLimits(
+        connections=cfg.limits.connections,
+        connections_per_ip=cfg.limits.connections_per_ip,
+        command_timeout=cfg.timeouts.command,
+        data_timeout=cfg.timeouts.data,
+    )
+
+
+def client_timeouts(cfg: Config) -> ClientTimeouts:
+    t = cfg.timeouts
+    return ClientTimeouts(
+        connect=t.connect,
+        greeting=t.greeting,
+        command=t.mail,
+        data_init=t.data_init,
+        data_block=t.data_block,
+        data_end=t.data_end,
+    )
+
+
+def relay_service(cfg: Config, store: MailStore) -> RelayService:
+    """The provider side of TURN/ETRN/ATRN (server/relay.py)."""
+    settings = RelaySettings(
+        hostname=cfg.hostname,
+        timeouts=client_timeouts(cfg),
+        lease=timedelta(seconds=cfg.delivery.lease),
+        delivery_port=cfg.delivery.port,
+        retry=cfg.queue.retry,
+    )
+    return RelayService(store, settings, resolver(cfg))
+
+
+def fetch_server(cfg: Config, store: MailStore) -> SmtpServer:
+    """An SmtpServer without listeners, for `pochta relay fetch` (the customer side)."""
+    return SmtpServer(server_context(cfg, store, tls_available=False), server_limits(cfg), None)
+
+
+def fetch_schedule(cfg: Config, server: SmtpServer) -> FetchSchedule:
+    """The `[[relay.fetch]]` entries; relative paths are relative to the config file."""
+    base = Path(cfg.source).resolve().parent if cfg.source else Path.cwd()
+    entries = [parse_fetch_entry(entry, base) for entry in cfg.relay.fetch]
+    return FetchSchedule(entries, server, helo_name=cfg.hostname, timeouts=client_timeouts(cfg))
+
+
 @dataclass
 class Node:
     """One running pochta node."""
@@ -92,34 +217,22 @@ class Node:
         cfg = self.cfg
         self.store = await open_node_store(cfg)
         tls_context = load_tls(cfg)
-        ctx = ServerContext(
-            store=self.store,
-            hostname=cfg.hostname,
-            limits=smtp_limits(cfg),
-            auth_mechanisms=cfg.auth.mechanisms,
-            allow_plaintext_auth=cfg.auth.allow_plaintext,
-            throttle=FailureThrottle(
-                delay_after=cfg.auth.delay_after,
-                block_after=cfg.auth.block_after,
-                block_for=cfg.auth.block_for,
-            ),
-            rates=RateLimiter(cfg.submission.messages_per_hour, cfg.submission.recipients_per_hour),
-            scram_secret=scram_secret(cfg),
-            tls_available=True,
-            max_errors=cfg.limits.errors,
-            turn_enabled=cfg.relay.turn,
-            etrn_enabled=cfg.relay.etrn,
-        )
-        limits = ServerLimits(
-            connections=cfg.limits.connections,
-            connections_per_ip=cfg.limits.connections_per_ip,
-            command_timeout=cfg.timeouts.command,
-            data_timeout=cfg.timeouts.data,
-        )
-        self.server = SmtpServer(ctx, limits, tls_context)
+        ctx = server_context(cfg, self.store, tls_available=True)
+        relay = relay_service(cfg, self.store)
+        ctx.relay = relay
+        self.services.append(relay)
+        self.server = SmtpServer(ctx, server_limits(cfg), tls_context, on_turn=relay.on_turn)
         for kind in ("mx", "submission", "submissions", "odmr"):
             for address in getattr(cfg.listen, kind):
                 await self.server.listen(kind, address, reuse_port=cfg.workers > 1)
+        worker = queue_worker(cfg, self.store)
+        ctx.wake_queue = worker.wake
+        worker.start()
+        self.services.append(worker)
+        if cfg.relay.fetch:  # the customer side: pull held mail on a schedule
+            schedule = fetch_schedule(cfg, self.server)
+            schedule.start()
+            self.services.append(schedule)
 
     async def stop(self) -> None:
         if self.server is not None:

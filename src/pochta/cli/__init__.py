@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from pochta import __version__
-from pochta.cli import admin, demo, send
+from pochta.cli import admin, demo, queue, relay, send
 from pochta.errors import MailError
 
 
@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     admin.register(sub, common)
     demo.register(sub, common)
+    queue.register(sub, common)
+    relay.register(sub, common)
     send.register(sub, common)
     return parser
 

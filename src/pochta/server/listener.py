@@ -126,8 +126,23 @@ class SmtpServer:
                 del self._per_ip[ip]
             await stream.close()
 
-    async def _serve(self, stream: Stream, session: Session, state: _Conn) -> None:
-        conn = smtp.Connection(smtp.SERVER, self.ctx.limits, extensions=session.extensions())
+    async def serve_stream(
+        self, stream: Stream, session: Session, conn: smtp.Connection | None = None
+    ) -> None:
+        """Run the server pump on a stream opened elsewhere (the customer side of ATRN/TURN):
+        greet, then answer commands until QUIT or EOF. `conn` is a server-role Connection in
+        START (e.g. from `Connection.turned()`, holding bytes already received)."""
+        await self._serve(stream, session, _Conn(session), conn)
+
+    async def _serve(
+        self,
+        stream: Stream,
+        session: Session,
+        state: _Conn,
+        conn: smtp.Connection | None = None,
+    ) -> None:
+        if conn is None:
+            conn = smtp.Connection(smtp.SERVER, self.ctx.limits, extensions=session.extensions())
         stream.write(conn.send(session.greeting()))
         maillog.event("connect", conn=session.conn_id, ip=session.peer_ip, listener=session.kind)
         while True:
