@@ -20,9 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pochta {__version__}")
     parser.add_argument("-c", "--config", help="node configuration file (or $POCHTA_CONFIG)")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "-c", "--config", default=argparse.SUPPRESS, help="node configuration file"
-    )
+    common.add_argument("-c", "--config", default=argparse.SUPPRESS, help="node configuration file")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     admin.register(sub, common)
     demo.register(sub, common)
