@@ -188,6 +188,7 @@ def relay_service(cfg: Config, store: MailStore) -> RelayService:
         lease=timedelta(seconds=cfg.delivery.lease),
         delivery_port=cfg.delivery.port,
         retry=cfg.queue.retry,
+        etrn_access=cfg.relay.etrn_access,
     )
     return RelayService(store, settings, resolver(cfg))
 

@@ -132,6 +132,7 @@ class Queue:
 class Relay:
     turn: bool = False  # TURN on the submission listeners (after AUTH only)
     etrn: bool = True
+    etrn_access: str = "owner-or-dns"  # who may ETRN: "owner-or-dns", "owner" or "any"
     fetch: tuple[dict[str, Any], ...] = ()
 
 
