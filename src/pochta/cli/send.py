@@ -131,6 +131,8 @@ def _body(args: argparse.Namespace) -> str:
                 "--password-stdin reads the password from stdin, so the body cannot come from "
                 "stdin: give it with --body or --body-file"
             )
+        if sys.stdin.isatty():
+            print("Type the text; end it with Ctrl-D on a line of its own.", file=sys.stderr)
         data = sys.stdin.buffer.read()
         source = "stdin"
     try:
