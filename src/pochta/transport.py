@@ -73,10 +73,19 @@ class Stream:
         async with asyncio.timeout(timeout):
             await self.writer.drain()
 
-    async def start_tls(self, context: ssl.SSLContext, server_hostname: str | None = None) -> None:
-        """Upgrade the connection in place (RFC 3207); raises ssl.SSLError or OSError."""
+    async def start_tls(
+        self,
+        context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        *,
+        handshake_timeout: float | None = None,
+    ) -> None:
+        """Upgrade the connection in place (RFC 3207); raises ssl.SSLError or OSError (also when
+        the handshake takes longer than `handshake_timeout` seconds; None: asyncio's 60 s)."""
         await self.flush()
-        await self.writer.start_tls(context, server_hostname=server_hostname)
+        await self.writer.start_tls(
+            context, server_hostname=server_hostname, ssl_handshake_timeout=handshake_timeout
+        )
 
     async def close(self) -> None:
         try:

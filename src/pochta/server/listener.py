@@ -30,6 +30,7 @@ from pochta.transport import Stream
 log = logging.getLogger(__name__)
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 TOO_MANY_FROM_YOU = Reply(421, "4.7.0", "Too many connections from your address")
+HANDSHAKE_TIMEOUT = 30.0  # seconds for a TLS handshake, at most
 
 # A hand-off after TURN/ATRN: the relay code takes the stream and the turned connection.
 TurnHandler = Callable[[Session, Stream, smtp.Connection], Awaitable[None]]
@@ -82,12 +83,18 @@ class SmtpServer:
             reuse_address=True,
             reuse_port=reuse_port,
             backlog=1024,
-            ssl_handshake_timeout=30.0 if implicit else None,
+            ssl_handshake_timeout=self.handshake_timeout if implicit else None,
         )
         self._servers.append(server)
         for sock in server.sockets:
             maillog.event("listening", listener=kind, address=_sockname(sock))
         return server
+
+    @property
+    def handshake_timeout(self) -> float:
+        """A silent client must not hold a connection in the TLS handshake (port 465 or after
+        STARTTLS) longer than it could while we wait for a command (RFC 5321 §4.5.3.2)."""
+        return min(HANDSHAKE_TIMEOUT, self.limits.command_timeout)
 
     @property
     def bound(self) -> list[tuple[str, int]]:
@@ -227,7 +234,7 @@ class SmtpServer:
             return None
         assert self.tls_context is not None
         try:
-            await stream.start_tls(self.tls_context)
+            await stream.start_tls(self.tls_context, handshake_timeout=self.handshake_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             log.info("conn=%s TLS handshake failed: %r", session.conn_id, exc)
             return None
