@@ -25,6 +25,7 @@ from dataclasses import dataclass
 MAX_LOCAL_PART = 64
 MAX_DOMAIN = 255
 MAX_PATH = 256
+MAX_LABEL = 63  # RFC 1035 §2.3.4
 
 _ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
 _UTF8 = r"\u0080-\U0010ffff"
@@ -77,11 +78,18 @@ def valid_domain(domain: str) -> bool:
     """A Domain or an address-literal of RFC 5321 §4.1.2 / §4.1.3."""
     if domain.startswith("[") and domain.endswith("]"):
         return _valid_literal(domain[1:-1])
-    return len(domain) <= MAX_DOMAIN and bool(_DOMAIN.match(domain))
+    if len(domain.encode("utf-8")) > MAX_DOMAIN or not _DOMAIN.match(domain):
+        return False
+    # RFC 1035 §2.3.4: a label is at most 63 octets (checked on ASCII labels; U-labels are
+    # measured by their A-label form, which this module does not compute).
+    return all(len(label) <= MAX_LABEL for label in domain.split(".") if label.isascii())
 
 
 def _valid_literal(inner: str) -> bool:
     # RFC 5321 §4.1.3: IPv4, "IPv6:" + IPv6, or a General-address-literal (not accepted here).
+    # ipaddress accepts an IPv6 zone id ("fe80::1%eth0"), which IPv6-addr does not allow.
+    if not inner.isascii() or "%" in inner:
+        return False
     try:
         if inner[:5].lower() == "ipv6:":
             ipaddress.IPv6Address(inner[5:])
@@ -105,7 +113,7 @@ def parse_path(text: str, *, allow_null: bool = False, allow_bare_postmaster: bo
         if allow_null:
             return NULL_PATH
         raise AddressError("syntax")
-    if len(inner) > MAX_PATH - 2:
+    if len(inner.encode("utf-8")) > MAX_PATH - 2:  # octets, the brackets included
         raise AddressError("path")
     if inner.startswith("@"):
         m = _ADL.match(inner)

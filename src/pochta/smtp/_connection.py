@@ -16,6 +16,7 @@ Client role: `send(command)` returns the bytes; `next_event()` returns each Repl
 from __future__ import annotations
 
 import enum
+import re
 from collections import deque
 from dataclasses import dataclass
 
@@ -61,6 +62,7 @@ NEED_DATA = _NeedData.NEED_DATA
 
 ALL_EXTENSIONS = frozenset({"PIPELINING", "SIZE", "8BITMIME", "SMTPUTF8", "CHUNKING", "BINARYMIME"})
 _MAX_REPLY_LINES = 100
+_REPLY_LINE = re.compile(r"[2-5][0-9][0-9](?:[ -]|$)", re.ASCII)  # RFC 5321 §4.2 Reply-line
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,8 @@ def _out_of_sequence(state: State, cmd: Command) -> Reply:
         return R.HELO_FIRST
     if isinstance(cmd, MailFrom):
         return R.NESTED_MAIL
+    if state is State.BDAT:  # RFC 3030 §2: only BDAT (or RSET) until the LAST chunk
+        return R.BDAT_DATA_MIX if isinstance(cmd, Data) else R.BAD_SEQUENCE
     if isinstance(cmd, (RcptTo, Data, Bdat)):
         return R.NEED_MAIL_FIRST if state is State.READY else R.NEED_RCPT_FIRST
     return R.BAD_SEQUENCE
@@ -116,10 +120,12 @@ class Connection:
         self.tls = tls
         self.authenticated = False
         self.greeted = state not in (State.START, State.INIT)
+        self._esmtp = self.greeted  # EHLO (not HELO) was accepted: extensions are in force
         self._buf = b""
         self._eof = False
         self._pending: deque[Command | None] = deque()
         self._skip_line = False
+        self._auth_turn = False  # AUTH: a client line was read and awaits our reply
         self._decoder: DotDecoder | None = None
         self._data_done = False
         self._encoder: DotEncoder | None = None
@@ -176,7 +182,8 @@ class Connection:
 
     # -- server: commands -------------------------------------------------------------------
     def _next_command(self) -> Event | _NeedData:
-        if self._pending and self.state is not State.AUTH:
+        # In AUTH the AUTH command stays pending (RFC 4954 §4); each client line needs a reply.
+        if self._auth_turn if self.state is State.AUTH else self._pending:
             raise LocalProtocolError("reply to the pending command first")
         while True:
             line = self._take_line(
@@ -187,45 +194,51 @@ class Connection:
                     self.state = State.CLOSED
                     return ConnectionClosed()
                 return NEED_DATA
-            if self._skip_line:  # the tail of an over-long line, already answered
-                self._skip_line = False
-                continue
             return self._command(line)
 
     def _reject(self, reply: Reply, why: str, *, fatal: bool = False) -> RemoteProtocolError:
-        if self.state is not State.AUTH:  # in AUTH the reply settles (ends) the AUTH command
+        if self.state is State.AUTH:  # in AUTH the reply settles (ends) the AUTH command
+            self._auth_turn = True
+        else:
             self._pending.append(None)
         return RemoteProtocolError(why, reply, fatal=fatal)
 
     def _take_line(self, limit: int) -> bytes | None:
         """The next CRLF-terminated line without its CRLF; None when incomplete.
 
-        Bare CR or LF is never a line end (RFC 5321 §2.3.8); it is answered with 500 5.5.2.
+        Only CRLF ends a line (RFC 5321 §2.3.8): a bare CR or LF makes the whole line, up to
+        the next CRLF, one bad line, answered with 500 5.5.2 as soon as it is seen. A line
+        over `limit` (RFC 5321 §4.5.3.1.4) likewise gets one 500 and its tail is dropped
+        unread, so no part of a bad line can ever run as a command.
         """
-        buf = self._buf
-        lf = buf.find(b"\n")
-        cr = buf.find(b"\r")
-        if cr >= 0 and (lf < 0 or cr < lf - 1):
-            if cr == len(buf) - 1 and cr < limit:  # maybe the CR of a CRLF still to come
+        while True:
+            buf = self._buf
+            end = buf.find(b"\r\n")
+            if self._skip_line:  # the rest of a line already answered
+                if end < 0:
+                    self._buf = b"\r" if buf.endswith(b"\r") else b""
+                    return None
+                self._buf, self._skip_line = buf[end + 2 :], False
+                continue
+            line = buf[:end] if end >= 0 else buf.removesuffix(b"\r")  # CR: maybe a CRLF
+            if b"\r" in line or b"\n" in line:
+                raise self._bad_line(end, R.BARE_LINE_END, "bare CR or LF")
+            if len(buf) >= limit if end < 0 else end + 2 > limit:
+                too_long = R.AUTH_LINE_TOO_LONG if self.state is State.AUTH else R.LINE_TOO_LONG
+                raise self._bad_line(end, too_long, "line too long")
+            if end < 0:
                 return None
-            self._buf = buf[cr + 1 :]
-            self._skip_line = False
-            raise self._reject(R.BARE_LINE_END, "bare CR")
-        if lf < 0:
-            if len(buf) >= limit:
-                self._buf = b"\r" if buf.endswith(b"\r") else b""
-                if not self._skip_line:
-                    self._skip_line = True
-                    raise self._reject(R.LINE_TOO_LONG, "line too long")
-            return None
-        if lf == 0 or buf[lf - 1] != 13:
-            self._buf = buf[lf + 1 :]
-            self._skip_line = False
-            raise self._reject(R.BARE_LINE_END, "bare LF")
-        self._buf = buf[lf + 1 :]
-        if lf + 1 > limit and not self._skip_line:
-            raise self._reject(R.LINE_TOO_LONG, "line too long")
-        return buf[: lf - 1]
+            self._buf = buf[end + 2 :]
+            return line
+
+    def _bad_line(self, end: int, reply: Reply, why: str) -> RemoteProtocolError:
+        """Drop the line that ends at `end` (-1: not yet arrived, skip to its CRLF)."""
+        if end >= 0:
+            self._buf = self._buf[end + 2 :]
+        else:
+            self._buf = b"\r" if self._buf.endswith(b"\r") else b""
+            self._skip_line = True
+        return self._reject(reply, why)
 
     def _command(self, raw: bytes) -> Event | _NeedData:
         if b"\x00" in raw:
@@ -235,6 +248,7 @@ class Connection:
         except UnicodeDecodeError:
             raise self._reject(R.BAD_ENCODING, "8-bit garbage") from None
         if self.state is State.AUTH:
+            self._auth_turn = True
             return parse_auth_response(line)  # a 501 for bad base64 ends the exchange
         try:
             cmd = parse_command(line)
@@ -264,13 +278,17 @@ class Connection:
                 self._check_mail(cmd)
             case RcptTo() if self._recipients >= self.limits.recipients:
                 raise self._reject(R.TOO_MANY_RECIPIENTS, "too many recipients")
+            case RcptTo() if not cmd.path.is_ascii and not (self._mail and self._mail.smtputf8):
+                raise self._reject(R.NON_ASCII_ADDRESS, "non-ASCII recipient")  # RFC 6531 §3.4
             case Data() if self._mail is not None and self._mail.body == "BINARYMIME":
                 raise self._reject(R.BAD_SEQUENCE, "BINARYMIME needs BDAT")  # RFC 3030 §3
             case _:
                 pass
 
     def _check_mail(self, cmd: MailFrom) -> None:
-        ext = self.extensions
+        ext = self._in_force()
+        if cmd.params and not self._esmtp:  # RFC 5321 §4.1.1.11: parameters need EHLO
+            raise self._reject(R.PARAMETER_NO_EXT, "MAIL parameters after HELO")
         if "SIZE" in cmd.params:
             if "SIZE" not in ext:
                 raise self._reject(R.PARAMETER_NO_EXT, "SIZE not advertised")
@@ -320,8 +338,12 @@ class Connection:
             raise RemoteProtocolError("line too long in data", R.TEXT_LINE_TOO_LONG)
         return EndOfData()
 
+    def _in_force(self) -> frozenset[str]:
+        """The extensions the client may use: none after HELO (RFC 5321 §4.1.1.1)."""
+        return self.extensions if self._esmtp else frozenset()
+
     def _bdat_refusal(self, cmd: Bdat) -> Reply | None:
-        if "CHUNKING" not in self.extensions:
+        if "CHUNKING" not in self._in_force():
             return R.NOT_IMPLEMENTED
         if not isinstance(cmd, _ALLOWED.get(self.state, ())):
             return _out_of_sequence(self.state, cmd)
@@ -381,6 +403,7 @@ class Connection:
         if self.state is State.START:
             self.state = State.INIT if reply.code == 220 else State.CLOSED
             return reply.to_bytes()
+        self._auth_turn = False
         if reply.code == 334 and self._pending and isinstance(self._pending[0], Auth):
             self.state = State.AUTH  # RFC 4954 §4: the exchange goes on; AUTH stays pending
             return reply.to_bytes()
@@ -398,6 +421,7 @@ class Connection:
         self.state = settle(old, cmd, reply, self.greeted)
         if isinstance(cmd, (Ehlo, Helo)) and reply.positive:
             self.greeted = True
+            self._esmtp = isinstance(cmd, Ehlo)
         if isinstance(cmd, Auth) and reply.code == 235:
             self.authenticated = True
         if isinstance(cmd, MailFrom) and reply.positive:
@@ -437,6 +461,8 @@ class Connection:
             if self.state is not State.AUTH:
                 raise LocalProtocolError("AUTH response outside AUTH")
             return format_command(event).encode("ascii") + b"\r\n"
+        if isinstance(event, Bdat) and event.size != len(event.data):
+            raise LocalProtocolError("BDAT size does not match its data")  # RFC 3030 §2
         self._check_pipelining(event)
         self._pending.append(event)
         wire = format_command(event).encode("utf-8") + b"\r\n"
@@ -466,7 +492,9 @@ class Connection:
                 return NEED_DATA
             raw, self._buf = self._buf[:lf], self._buf[lf + 1 :]
             line = raw.rstrip(b"\r").decode("utf-8", "replace")
-            if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in ("", " ", "-"):
+            if not _REPLY_LINE.match(line) or (
+                self._reply_lines and line[:3] != self._reply_lines[0][:3]
+            ):  # RFC 5321 §4.2: 2yz-5yz, and the same code on every line of a reply
                 raise RemoteProtocolError(f"malformed reply {line[:40]!r}", fatal=True)
             self._reply_lines.append(line)
             if len(self._reply_lines) > _MAX_REPLY_LINES:
@@ -497,6 +525,8 @@ class Connection:
         self._apply(cmd, reply)
         if isinstance(cmd, Ehlo) and reply.positive:
             self.peer_extensions = _parse_ehlo(reply)
+        elif isinstance(cmd, Helo) and reply.positive:
+            self.peer_extensions = {}  # RFC 5321 §4.1.1.1: no extensions after HELO
         return reply
 
     # -- hand-offs ---------------------------------------------------------------------------

@@ -82,11 +82,11 @@ class DotDecoder:
         """Keep an incomplete line; if it is already too long, check and drop its bytes."""
         if len(partial) < self._max_line:
             return partial
-        self._check(partial)
-        self.flags.long_line = True
-        self._size += len(partial)
         # Keep a trailing CR: it may be the start of the CRLF that ends this line.
         keep = b"\r" if partial.endswith(b"\r") else b""
+        self._check(partial[: len(partial) - len(keep)])
+        self.flags.long_line = True
+        self._size += len(partial) - len(keep)
         self._line_start = False
         return keep
 

@@ -59,7 +59,8 @@ def parse_command(line: str) -> Command:
         RemoteProtocolError: with the reply hint (500/501/502/555...) for anything malformed.
     """
     verb, _, arg = line.partition(" ")
-    parser = _PARSERS.get(verb.upper())
+    # ASCII only before case folding: str.upper() maps "ſ" to "S" and "ı" to "I".
+    parser = _PARSERS.get(verb.upper()) if verb.isascii() else None
     if parser is None:
         raise _fail(R.UNRECOGNIZED, f"unknown verb {verb[:16]!r}")
     return parser(arg)
