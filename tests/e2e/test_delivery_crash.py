@@ -82,4 +82,6 @@ def test_kill_during_delivery_loses_nothing(tmp_path: Path) -> None:
         f"{duplicates} of them twice"
     )
     assert arrived_at_kill < LETTERS, "the kill came after the last delivery; test nothing"
-    assert duplicates <= 2  # at most the letters in flight on the one connection at the kill
+    # A duplicate needs a kill between the remote 250 and our commit: at most one letter per open
+    # connection, and the worker may hold up to `[delivery] workers` (default 20) connections.
+    assert duplicates <= 20
