@@ -101,7 +101,6 @@ def resolver(cfg: Config) -> DnsResolver:
 
 def queue_worker(cfg: Config, store: MailStore) -> QueueWorker:
     """The outbound queue worker from [delivery], [queue] and [timeouts]."""
-    t = cfg.timeouts
     return QueueWorker(
         store,
         resolver(cfg),
@@ -114,14 +113,7 @@ def queue_worker(cfg: Config, store: MailStore) -> QueueWorker:
         schedule=cfg.queue.retry,
         give_up_after=cfg.queue.give_up_after,
         warn_after=cfg.queue.warn_after,
-        timeouts=ClientTimeouts(
-            connect=t.connect,
-            greeting=t.greeting,
-            command=t.mail,
-            data_init=t.data_init,
-            data_block=t.data_block,
-            data_end=t.data_end,
-        ),
+        timeouts=client_timeouts(cfg),
         require_tls=cfg.delivery.require_tls,
         local_address=source_address(cfg),
     )

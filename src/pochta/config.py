@@ -1,6 +1,7 @@
-"""Node configuration: frozen dataclasses with defaults, loaded from one TOML file. Stdlib only
-(plus `errors`). Only `app.py` and `cli/` import this module (the composition root); everything
-else takes plain arguments. Every key is documented in docs/configuration.md.
+"""Node configuration: frozen dataclasses with defaults, loaded from one TOML file. Stdlib only,
+plus `errors` and the duration grammar and defaults of `queue.policy`. Only `app.py` and `cli/`
+import this module (the composition root); everything else takes plain arguments. Every key is
+documented in docs/configuration.md.
 """
 
 from __future__ import annotations
@@ -15,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from pochta.errors import ConfigError
+from pochta.queue import policy
 
 _SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1000, "KIB": 1024, "M": 1024**2, "MB": 1000**2}
 _SIZE_UNITS |= {"MIB": 1024**2, "G": 1024**3, "GB": 1000**3, "GIB": 1024**3}
 _SIZE = re.compile(r"^\s*(\d+)\s*([A-Za-z]*)\s*$")
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def parse_size(value: int | str) -> int:
@@ -34,19 +34,10 @@ def parse_size(value: int | str) -> int:
 
 
 def parse_duration(value: int | float | str) -> timedelta:
-    """`30s`, `5m`, `1h30m`, `5d` or a plain number of seconds."""
+    """`30s`, `5m`, `1h30m`, `5d` (see `queue.policy.parse_duration`) or a number of seconds."""
     if isinstance(value, (int, float)):
         return timedelta(seconds=value)
-    text = value.strip().lower()
-    pos, total = 0, 0.0
-    for m in _DURATION.finditer(text):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-        pos = m.end()
-    if pos != len(text) or not text:
-        raise ConfigError(f"not a duration: {value!r} (use e.g. 30s, 5m, 1h, 5d)")
-    return timedelta(seconds=total)
+    return policy.parse_duration(value)
 
 
 @dataclass(frozen=True)
@@ -121,11 +112,9 @@ class Delivery:
 
 @dataclass(frozen=True)
 class Queue:
-    retry: tuple[timedelta, ...] = tuple(
-        timedelta(minutes=m) for m in (1, 5, 15, 30, 60)
-    )  # then the last interval repeats
-    give_up_after: timedelta = timedelta(days=5)
-    warn_after: timedelta | None = timedelta(hours=4)
+    retry: tuple[timedelta, ...] = policy.DEFAULT_RETRY  # then the last interval repeats
+    give_up_after: timedelta = policy.DEFAULT_GIVE_UP
+    warn_after: timedelta | None = policy.DEFAULT_WARN_AFTER
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -25,10 +26,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     for action, helptext in (("add", "host a domain"), ("remove", "stop hosting a domain")):
         d = domain.add_parser(action, parents=[common], help=helptext)
         d.add_argument("name")
-        d.set_defaults(func=_store_cmd(_domain_add if action == "add" else _domain_remove))
+        d.set_defaults(func=store_command(_domain_add if action == "add" else _domain_remove))
     d = domain.add_parser("list", parents=[common], help="list hosted domains")
     d.add_argument("--json", action="store_true")
-    d.set_defaults(func=_store_cmd(_domain_list))
+    d.set_defaults(func=store_command(_domain_list))
 
     user = sub.add_parser("user", help="user accounts").add_subparsers(
         dest="action", metavar="ACTION", required=True
@@ -40,14 +41,14 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         u = user.add_parser(action, parents=[common], help=helptext)
         u.add_argument("address")
         u.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
-        u.set_defaults(func=_store_cmd(fn))
+        u.set_defaults(func=store_command(fn))
     u = user.add_parser("remove", parents=[common], help="remove a user and its mail")
     u.add_argument("address")
-    u.set_defaults(func=_store_cmd(_user_remove))
+    u.set_defaults(func=store_command(_user_remove))
     u = user.add_parser("list", parents=[common], help="list users")
     u.add_argument("domain", nargs="?")
     u.add_argument("--json", action="store_true")
-    u.set_defaults(func=_store_cmd(_user_list))
+    u.set_defaults(func=store_command(_user_list))
 
     alias = sub.add_parser("alias", help="aliases (deliver to and send as a user)").add_subparsers(
         dest="action", metavar="ACTION", required=True
@@ -55,13 +56,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     a = alias.add_parser("add", parents=[common], help="add ALIAS for user ADDRESS")
     a.add_argument("alias")
     a.add_argument("address")
-    a.set_defaults(func=_store_cmd(_alias_add))
+    a.set_defaults(func=store_command(_alias_add))
     a = alias.add_parser("remove", parents=[common], help="remove an alias")
     a.add_argument("alias")
-    a.set_defaults(func=_store_cmd(_alias_remove))
+    a.set_defaults(func=store_command(_alias_remove))
     a = alias.add_parser("list", parents=[common], help="list aliases")
     a.add_argument("address", nargs="?")
-    a.set_defaults(func=_store_cmd(_alias_list))
+    a.set_defaults(func=store_command(_alias_list))
 
     mail = sub.add_parser("mail", help="stored mail").add_subparsers(
         dest="action", metavar="ACTION", required=True
@@ -70,11 +71,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     m.add_argument("address")
     m.add_argument("--folder", default="INBOX", help="INBOX (default) or Sent")
     m.add_argument("--json", action="store_true")
-    m.set_defaults(func=_store_cmd(_mail_list))
+    m.set_defaults(func=store_command(_mail_list))
     m = mail.add_parser("show", parents=[common], help="show one message")
     m.add_argument("id", type=int)
     m.add_argument("--raw", action="store_true", help="the stored bytes, exactly")
-    m.set_defaults(func=_store_cmd(_mail_show))
+    m.set_defaults(func=store_command(_mail_show))
 
 
 def load_config(args: argparse.Namespace) -> config.Config:
@@ -96,7 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 StoreFn = Callable[[MailStore, argparse.Namespace], Awaitable[int]]
 
 
-def _store_cmd(fn: StoreFn) -> Callable[[argparse.Namespace], int]:
+def store_command(fn: StoreFn) -> Callable[[argparse.Namespace], int]:
     """Run `fn` against the node's store (opened and closed around it)."""
 
     def run(args: argparse.Namespace) -> int:
@@ -113,6 +114,25 @@ def _store_cmd(fn: StoreFn) -> Callable[[argparse.Namespace], int]:
         return result
 
     return run
+
+
+PASSWORD_ENV = "POCHTA_PASSWORD"
+
+
+def client_password(args: argparse.Namespace) -> str:
+    """For commands that log in somewhere (`send`, `relay fetch`): $POCHTA_PASSWORD,
+    `--password-stdin` or a prompt; never the command line."""
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif os.environ.get(PASSWORD_ENV):
+        password = os.environ[PASSWORD_ENV]
+    elif sys.stdin.isatty():
+        password = getpass.getpass(f"Password for {args.user}: ")
+    else:
+        raise UsageError(f"no password: set ${PASSWORD_ENV}, use --password-stdin or a terminal")
+    if not password:
+        raise UsageError("empty password")
+    return password
 
 
 def read_password(args: argparse.Namespace) -> str:
@@ -274,4 +294,12 @@ async def _mail_show(store: MailStore, args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["MailError", "load_config", "message_json", "read_password", "register"]
+__all__ = [
+    "MailError",
+    "client_password",
+    "load_config",
+    "message_json",
+    "read_password",
+    "register",
+    "store_command",
+]

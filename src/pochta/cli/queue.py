@@ -20,8 +20,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pochta import app
-from pochta.cli.admin import load_config
+from pochta.cli.admin import store_command
 from pochta.store.api import MailStore, QueueEntry, QueueRecipient
 
 StoreFn = Callable[[MailStore, argparse.Namespace], Awaitable[int]]
@@ -33,14 +32,14 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     q = queue.add_parser("list", parents=[common], help="entries still waiting (like mailq)")
     q.add_argument("--json", action="store_true", help="machine-readable (stable fields)")
-    q.set_defaults(func=_store_cmd(_list))
+    q.set_defaults(func=store_command(_list))
     q = queue.add_parser("show", parents=[common], help="one entry and its letter")
     q.add_argument("id", type=int)
     q.add_argument("--json", action="store_true", help="the entry only, as in `list --json`")
-    q.set_defaults(func=_store_cmd(_show))
+    q.set_defaults(func=store_command(_show))
     q = queue.add_parser("flush", parents=[common], help="make everything (in DOMAIN) due now")
     q.add_argument("domain", nargs="?")
-    q.set_defaults(func=_store_cmd(_flush))
+    q.set_defaults(func=store_command(_flush))
     for action, fn, helptext in (
         ("retry", _retry, "make one entry due now"),
         ("delete", _delete, "drop one entry without a bounce (like postsuper -d)"),
@@ -48,24 +47,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     ):
         q = queue.add_parser(action, parents=[common], help=helptext)
         q.add_argument("id", type=int)
-        q.set_defaults(func=_store_cmd(fn))
-
-
-def _store_cmd(fn: StoreFn) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        cfg = load_config(args)
-
-        async def body() -> int:
-            store = await app.open_node_store(cfg)
-            try:
-                return await fn(store, args)
-            finally:
-                await store.close()
-
-        result: int = app.run(body())
-        return result
-
-    return run
+        q.set_defaults(func=store_command(fn))
 
 
 def entry_json(entry: QueueEntry) -> dict[str, Any]:

@@ -6,21 +6,17 @@ TURN) on the provider, and pulling held mail from a provider on the customer. Im
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
-import os
 import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pochta import app, relay_fetch, smtp
-from pochta.cli.admin import load_config
+from pochta.cli.admin import client_password, load_config, store_command
 from pochta.client.session import SmtpError
 from pochta.errors import UsageError
 from pochta.store.api import MailStore, normalize_address
-
-PASSWORD_ENV = "POCHTA_PASSWORD"
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -30,13 +26,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = relay.add_parser("add", parents=[common], help="hold mail for DOMAIN for user --owner")
     p.add_argument("domain")
     p.add_argument("--owner", required=True, help="the account that may take the mail")
-    p.set_defaults(func=_with_store(_add))
+    p.set_defaults(func=store_command(_add))
     p = relay.add_parser("remove", parents=[common], help="stop holding DOMAIN")
     p.add_argument("domain")
-    p.set_defaults(func=_with_store(_remove))
+    p.set_defaults(func=store_command(_remove))
     p = relay.add_parser("list", parents=[common], help="list held domains")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_with_store(_list))
+    p.set_defaults(func=store_command(_list))
     _register_fetch(relay, common)
 
 
@@ -62,23 +58,6 @@ def _register_fetch(relay: Any, common: argparse.ArgumentParser) -> None:
 
 
 StoreFn = Callable[[MailStore, argparse.Namespace], Awaitable[int]]
-
-
-def _with_store(fn: StoreFn) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        cfg = load_config(args)
-
-        async def body() -> int:
-            store = await app.open_node_store(cfg)
-            try:
-                return await fn(store, args)
-            finally:
-                await store.close()
-
-        result: int = app.run(body())
-        return result
-
-    return run
 
 
 def _domain(text: str) -> str:
@@ -113,27 +92,12 @@ async def _list(store: MailStore, args: argparse.Namespace) -> int:
     return 0
 
 
-def read_password(args: argparse.Namespace) -> str:
-    """$POCHTA_PASSWORD, `--password-stdin` or a prompt; never the command line."""
-    if args.password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    elif os.environ.get(PASSWORD_ENV):
-        password = os.environ[PASSWORD_ENV]
-    elif sys.stdin.isatty():
-        password = getpass.getpass(f"Password for {args.user}: ")
-    else:
-        raise UsageError(f"no password: set ${PASSWORD_ENV}, use --password-stdin or a terminal")
-    if not password:
-        raise UsageError("empty password")
-    return password
-
-
 def cmd_fetch(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     job = relay_fetch.FetchJob(
         server=args.server,
         user=args.user,
-        password=read_password(args),
+        password=client_password(args),
         domains=tuple(_domain(d) for d in args.domain),
         verb=args.verb,
         tls=args.tls,

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from pochta import mua
+from pochta.cli.admin import PASSWORD_ENV, client_password
 from pochta.errors import MailError, UsageError
 from pochta.store.api import domain_of
 
-PASSWORD_ENV = "POCHTA_PASSWORD"
 EXIT_ALL, EXIT_SOME, EXIT_NONE = 0, 1, 2
 
 
@@ -72,7 +70,7 @@ def _send(args: argparse.Namespace) -> int:
     sender = mua.envelope_address(args.from_ or args.user)
     recipients = _recipients(args)
     text = _body(args)
-    password = _password(args)
+    password = client_password(args)
     message = mua.build_message(
         sender=sender,
         to=args.to,
@@ -139,17 +137,3 @@ def _body(args: argparse.Namespace) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise UsageError(f"the body from {source} is not UTF-8 text") from None
-
-
-def _password(args: argparse.Namespace) -> str:
-    if args.password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    elif os.environ.get(PASSWORD_ENV):
-        password = os.environ[PASSWORD_ENV]
-    elif sys.stdin.isatty():
-        password = getpass.getpass(f"Password for {args.user}: ")
-    else:
-        raise UsageError(f"no password: set ${PASSWORD_ENV}, use --password-stdin or a terminal")
-    if not password:
-        raise UsageError("empty password")
-    return password
