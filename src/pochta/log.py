@@ -39,7 +39,16 @@ def clean(value: object, limit: int = 120) -> str:
 
 def event(name: str, **fields: object) -> None:
     """Log one mail event as `event=NAME key=value ...`."""
-    if not maillog.isEnabledFor(logging.INFO):
+    _emit(logging.INFO, name, fields)
+
+
+def detail(name: str, **fields: object) -> None:
+    """Like `event`, at DEBUG level: per-connection chatter kept off the hot path by default."""
+    _emit(logging.DEBUG, name, fields)
+
+
+def _emit(level: int, name: str, fields: dict[str, object]) -> None:
+    if not maillog.isEnabledFor(level):
         return
     parts = [f"event={name}"] + [f"{k}={clean(v)}" for k, v in fields.items()]
-    maillog.info(" ".join(parts))
+    maillog.log(level, " ".join(parts))

@@ -47,14 +47,18 @@ class Stream:
         obj = self.writer.get_extra_info("ssl_object")
         return obj.getpeercert() if obj is not None else None
 
-    async def read(self, timeout: float) -> bytes:
-        """Up to READ_SIZE bytes; b"" at EOF.
+    async def read(self, timeout: float | None) -> bytes:
+        """Up to READ_SIZE bytes; b"" at EOF. `timeout=None` leaves the deadline to the caller
+        (the server's idle sweeper), which saves a timer per read on the hot path.
 
         Raises:
             TimeoutError: nothing arrived within `timeout` seconds.
         """
-        async with asyncio.timeout(timeout):
+        if timeout is None:
             data = await self.reader.read(READ_SIZE)
+        else:
+            async with asyncio.timeout(timeout):
+                data = await self.reader.read(READ_SIZE)
         if self.trace and data:
             self._trace("C" if self.label == "server" else "S", data)
         return data
@@ -70,8 +74,11 @@ class Stream:
         if self._out:
             self.writer.write(b"".join(self._out) if len(self._out) > 1 else self._out[0])
             self._out.clear()
-        async with asyncio.timeout(timeout):
-            await self.writer.drain()
+        # Wait only when the kernel did not take everything (drain would block): no timer
+        # is armed for the usual case of a reply that went out at once.
+        if self.writer.transport.get_write_buffer_size() > 0:
+            async with asyncio.timeout(timeout):
+                await self.writer.drain()
 
     async def start_tls(
         self,

@@ -63,6 +63,7 @@ class SmtpServer:
         self._per_ip: Counter[str] = Counter()
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}"
+        self._sweeper: asyncio.Task[None] | None = None
         self.stopping = False
 
     async def listen(self, kind: str, address: str, *, reuse_port: bool = False) -> asyncio.Server:
@@ -116,8 +117,10 @@ class SmtpServer:
         session = Session(self.ctx, kind, ip, conn_id, tls=stream.tls)
         task = asyncio.current_task()
         assert task is not None
-        state = _Conn(session)
+        state = _Conn(session, watched=True)
         self._active[task] = state
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep(), name="idle-sweeper")
         self._per_ip[ip] += 1
         try:
             await self._serve(stream, session, state)
@@ -151,7 +154,7 @@ class SmtpServer:
         if conn is None:
             conn = smtp.Connection(smtp.SERVER, self.ctx.limits, extensions=session.extensions())
         stream.write(conn.send(session.greeting()))
-        maillog.event("connect", conn=session.conn_id, ip=session.peer_ip, listener=session.kind)
+        maillog.detail("connect", conn=session.conn_id, ip=session.peer_ip, listener=session.kind)
         while True:
             try:
                 event = conn.next_event()
@@ -205,13 +208,23 @@ class SmtpServer:
         in_data = conn.state in (smtp.State.DATA, smtp.State.BDAT)
         timeout = self.limits.data_timeout if in_data else self.limits.command_timeout
         state.idle = True
+        state.deadline = asyncio.get_running_loop().time() + timeout
         try:
-            data = await stream.read(timeout)
+            # Watched connections have their deadline enforced by _sweep (one timer for all).
+            data = await stream.read(None if state.watched else timeout)
         except TimeoutError:
             stream.write(R.TIMEOUT.to_bytes())  # RFC 5321 §4.5.3.2
             await stream.flush(timeout=5.0)
             return False
         except asyncio.CancelledError:
+            if state.timed_out or self.stopping:
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()  # we handled this cancel; later timeouts must still work
+            if state.timed_out:
+                stream.write(R.TIMEOUT.to_bytes())  # RFC 5321 §4.5.3.2
+                await stream.flush(timeout=5.0)
+                return False
             if self.stopping:  # shutdown while idle: 421 (RFC 5321 §3.8)
                 stream.write(R.SHUTTING_DOWN.to_bytes())
                 await stream.flush(timeout=5.0)
@@ -241,9 +254,25 @@ class SmtpServer:
         session.tls_started(stream.tls)
         return new
 
+    async def _sweep(self) -> None:
+        """Time out idle connections whose read deadline passed (RFC 5321 §4.5.3.2)."""
+        loop = asyncio.get_running_loop()
+        interval = max(
+            0.05, min(1.0, self.limits.command_timeout / 4, self.limits.data_timeout / 4)
+        )
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for task, state in list(self._active.items()):
+                if state.idle and not state.timed_out and now > state.deadline:
+                    state.timed_out = True
+                    task.cancel()
+
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting; idle sessions get 421 now, busy ones after their current command."""
         self.stopping = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for server in self._servers:
             server.close()
         for task, state in list(self._active.items()):
@@ -260,8 +289,11 @@ class SmtpServer:
 @dataclass
 class _Conn:
     session: Session
+    watched: bool = False  # registered with the idle sweeper
     idle: bool = False
     busy: bool = False
+    deadline: float = 0.0  # loop time after which an idle read times out
+    timed_out: bool = False
 
 
 async def _refuse(stream: Stream, reply: Reply) -> None:

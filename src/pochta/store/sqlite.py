@@ -56,6 +56,7 @@ T = TypeVar("T")
 Conn = sqlite3.Connection
 BUSY_TIMEOUT_MS = 5000
 MAX_BATCH = 500  # write requests per group commit
+INLINE_BUSY_MS = 50  # the event loop's own read connection never waits longer
 
 
 def _connect(path: str, busy_ms: int, *, readonly: bool = False) -> Conn:
@@ -241,6 +242,30 @@ class _Readers:
 
     async def run(self, fn: Callable[[Conn], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._run, fn)
+
+    async def run_here(self, fn: Callable[[Conn], T]) -> T:
+        """Run a small indexed lookup on the calling (event loop) thread.
+
+        A hop to the pool costs more than such a query (WAL readers do not wait for the
+        writer). The loop's connection gives up after INLINE_BUSY_MS if the database is busy
+        (e.g. WAL recovery), and the lookup then goes to the pool instead of stalling the loop.
+        """
+        conn: Conn | None = getattr(self._local, "inline", None)
+        if conn is None:
+            conn = _connect(self._path, INLINE_BUSY_MS, readonly=True)
+            self._local.inline = conn
+            with self._lock:
+                self._conns.append(conn)
+        try:
+            conn.execute("BEGIN")
+            try:
+                return fn(conn)
+            finally:
+                conn.execute("ROLLBACK")
+        except sqlite3.OperationalError:
+            return await self.run(fn)
+        except Exception as exc:
+            raise _translate(exc) from exc
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -742,6 +767,12 @@ class SqliteStore:
             raise StoreUnavailable("the store is not open")
         return await self._readers.run(fn)
 
+    async def _lookup(self, fn: Callable[[Conn], T]) -> T:
+        """A point lookup on one indexed row (the per-RCPT checks): no thread hop."""
+        if self._readers is None:
+            raise StoreUnavailable("the store is not open")
+        return await self._readers.run_here(fn)
+
     # -- life cycle -----------------------------------------------------------------------------
 
     async def open(self) -> None:
@@ -788,7 +819,7 @@ class SqliteStore:
     async def hosts_domain(self, name: str) -> bool:
         name = name.strip().lower()
         sql = "SELECT 1 FROM domains WHERE name = ?"
-        return await self._read(lambda c: _scalar(c, sql, (name,)) is not None)
+        return await self._lookup(lambda c: _scalar(c, sql, (name,)) is not None)
 
     # -- users and aliases ----------------------------------------------------------------------
 
@@ -847,7 +878,7 @@ class SqliteStore:
 
     async def resolve(self, address: str) -> str | None:
         address = normalize_address(address)
-        return await self._read(lambda c: _resolve(c, address))
+        return await self._lookup(lambda c: _resolve(c, address))
 
     # -- mail -----------------------------------------------------------------------------------
 
