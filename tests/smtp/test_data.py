@@ -353,3 +353,14 @@ def test_overlong_command_ending_in_cr_at_a_boundary_is_one_line_too_long() -> N
     assert hints(items) == [R.LINE_TOO_LONG]
     pair.answer_hint(items[-1])
     assert pair.server_events() == [smtp.Noop()]
+
+
+@pytest.mark.parametrize(
+    "lengths", [[0], [998], [999], [497, 999], [998, 998, 1], [500] * 9, [2000]]
+)
+def test_long_line_check_matches_the_exact_rule(lengths: list[int]) -> None:
+    """The windowed pre-check gives the same verdict as measuring every line."""
+    from pochta.smtp._data import _has_long_line
+
+    chunk = b"\r\n".join(b"y" * n for n in lengths) + b"\r\n"
+    assert _has_long_line(chunk, 1000) == (max(lengths) + 2 > 1000)

@@ -110,9 +110,22 @@ class DotDecoder:
         if b"\x00" in chunk:
             self.flags.nul = True
         if not self.flags.long_line and len(chunk) >= self._max_line:
-            longest = max(map(len, chunk.split(CRLF)))
-            if longest + 2 > self._max_line:
-                self.flags.long_line = True
+            self.flags.long_line = _has_long_line(chunk, self._max_line)
+
+
+def _has_long_line(chunk: bytes, max_line: int) -> bool:
+    """Does a line of `chunk` (CRLF-separated) exceed `max_line` octets with its CRLF?
+
+    A line that long contains an aligned window of max_line // 2 octets with no LF in it, so
+    checking one `find` per window rules out almost every body without splitting it into lines;
+    only a body with such a window gets the exact (allocating) check.
+    """
+    window = max(1, max_line // 2)
+    find = chunk.find
+    for start in range(0, len(chunk), window):
+        if find(b"\n", start, start + window) < 0:
+            return max(map(len, chunk.split(CRLF))) + 2 > max_line
+    return False
 
 
 class DotEncoder:
