@@ -12,6 +12,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import resource
 import secrets
 import signal
 import ssl
@@ -254,9 +255,18 @@ async def serve(cfg: Config) -> None:
         await node.stop()
 
 
+def raise_file_limit() -> None:
+    """Allow as many open sockets as the hard limit permits ([limits] connections needs them)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def serve_processes(cfg: Config) -> None:
     """Run the node in `cfg.workers` processes sharing the listening ports (SO_REUSEPORT), so
     every core works; the parent forwards SIGINT/SIGTERM and waits for its children."""
+    raise_file_limit()
     if cfg.workers <= 1:
         run(serve(cfg))
         return

@@ -106,11 +106,24 @@ class Target:
     return_path: str | None = None
 
 
+Body = bytes | tuple[bytes, ...]
+"""A letter's bytes, whole or as consecutive parts (so a large letter is never copied into one
+object just to be stored: engines that can write parts do so)."""
+
+
+def body_parts(body: Body) -> tuple[bytes, ...]:
+    return (body,) if isinstance(body, bytes) else body
+
+
+def body_bytes(body: Body) -> bytes:
+    return body if isinstance(body, bytes) else b"".join(body)
+
+
 @dataclass(frozen=True)
 class Letter:
     """Everything `deliver()` stores in one transaction."""
 
-    body: bytes  # the bytes as received, with our Received: header already prepended
+    body: Body  # the bytes as received, with our Received: header already prepended
     sender: str  # envelope return path; "" is the null path <>
     summary: Summary
     targets: Sequence[Target] = ()  # local mailbox copies

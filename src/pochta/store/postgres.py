@@ -41,6 +41,7 @@ from pochta.store.api import (
     Stats,
     StoredMessage,
     User,
+    body_bytes,
     domain_of,
     normalize_address,
 )
@@ -199,7 +200,7 @@ async def _deliver(c: Conn, letter: Letter, now: datetime) -> Accepted:
         "SELECT 1 FROM mailboxes WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE",
         sorted(set(boxes)),
     )
-    body = bytes(letter.body)
+    body = body_bytes(letter.body)
     body_id = await c.fetchval(
         "INSERT INTO bodies (raw, size) VALUES ($1, $2) RETURNING id", body, len(body)
     )

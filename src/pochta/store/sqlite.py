@@ -48,6 +48,7 @@ from pochta.store.api import (
     StoredMessage,
     Target,
     User,
+    body_parts,
     domain_of,
     normalize_address,
 )
@@ -463,9 +464,7 @@ def _deliver(c: Conn, letter: Letter, now: datetime) -> Accepted:
     outbound = cm.unique_addresses(letter.outbound)
     if not boxes and not outbound:
         return Accepted(message_ids=(), queue_id=None)
-    body = bytes(letter.body)
-    cur = c.execute("INSERT INTO bodies (raw, size) VALUES (?, ?)", (body, len(body)))
-    body_id = int(cur.lastrowid or 0)
+    body_id = _insert_body(c, body_parts(letter.body))
     ids = tuple(
         _insert_copy(c, box, body_id, target, letter, now)
         for box, target in zip(boxes, letter.targets, strict=True)
@@ -474,6 +473,21 @@ def _deliver(c: Conn, letter: Letter, now: datetime) -> Accepted:
     if outbound:
         queue_id = _enqueue(c, body_id, normalize_address(letter.sender), outbound, now)
     return Accepted(message_ids=ids, queue_id=queue_id)
+
+
+def _insert_body(c: Conn, parts: tuple[bytes, ...]) -> int:
+    """Store a body once; parts are written in place with incremental blob I/O, so a large
+    letter is not joined into one more copy in memory."""
+    size = sum(map(len, parts))
+    if len(parts) == 1:
+        cur = c.execute("INSERT INTO bodies (raw, size) VALUES (?, ?)", (parts[0], size))
+        return int(cur.lastrowid or 0)
+    cur = c.execute("INSERT INTO bodies (raw, size) VALUES (zeroblob(?), ?)", (size, size))
+    body_id = int(cur.lastrowid or 0)
+    with c.blobopen("bodies", "raw", body_id) as blob:
+        for part in parts:
+            blob.write(part)
+    return body_id
 
 
 def _insert_copy(

@@ -210,6 +210,25 @@ async def check_uids_increase_and_never_reused(store: MailStore) -> None:
     assert modseqs[0].uidnext == 5 and modseqs[0].uidvalidity > 0
 
 
+async def check_deliver_body_in_parts(store: MailStore) -> None:
+    """A body given as parts is stored as their concatenation, for mailboxes and the queue."""
+    await _hosted(store, "bob")
+    parts = (b"Received: x\r\n", b"Subject: parts\r\n\r\n", b"a" * 70000, b"\r\nend\r\n")
+    body = Letter(
+        parts,
+        "alice@remote.test",
+        Summary(subject="parts"),
+        [Target("bob@example.test")],
+        ["carol@remote.test"],
+    )
+    accepted = await store.deliver(body)
+    stored = await store.get_message(accepted.message_ids[0])
+    assert stored.raw == b"".join(parts)
+    assert stored.info.size == len(b"".join(parts))
+    assert accepted.queue_id is not None
+    assert await store.get_queue_body(accepted.queue_id) == b"".join(parts)
+
+
 async def check_deliver_unknown_target_stores_nothing(store: MailStore) -> None:
     await _hosted(store, "bob")
     targets = [Target("bob@example.test"), Target("ghost@example.test")]
@@ -459,6 +478,7 @@ async def check_concurrent_duplicates_conflict(store: MailStore) -> None:
 
 
 CHECKS: list[Check] = [
+    check_deliver_body_in_parts,
     check_schema_version,
     check_domains_and_postmaster,
     check_users,
