@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from email.utils import format_datetime
+from functools import lru_cache
 
 # RFC 5322 §3.6.4: id-right = dot-atom-text / no-fold-literal; we only emit dot-atom-text.
 _DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
@@ -33,7 +34,13 @@ def format_date(dt: datetime) -> str:
     """RFC 5322 §3.3 date-time, e.g. "Tue, 01 Jul 2025 12:00:00 +0000"; naive means UTC."""
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
-    return format_datetime(dt)
+    return _format_second(int(dt.timestamp()), dt.utcoffset() or timedelta(0))
+
+
+@lru_cache(maxsize=16)
+def _format_second(seconds: int, offset: timedelta) -> str:
+    """One formatting per second and offset: every letter carries a date (Received:)."""
+    return format_datetime(datetime.fromtimestamp(seconds, timezone(offset)))
 
 
 def make_queue_id() -> str:
