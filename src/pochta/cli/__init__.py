@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from pochta import __version__
-from pochta.cli import admin, demo, queue, relay, send
+from pochta.cli import admin, demo, queue, relay, send, store
 from pochta.errors import MailError
 
 
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     queue.register(sub, common)
     relay.register(sub, common)
     send.register(sub, common)
+    store.register(sub, common)
     return parser
 
 
