@@ -109,6 +109,7 @@ def queue_worker(cfg: Config, store: MailStore) -> QueueWorker:
         owner=make_owner(cfg.hostname),
         port=cfg.delivery.port,
         concurrency=cfg.delivery.workers,
+        per_destination=cfg.delivery.per_destination,
         lease=cfg.delivery.lease,
         poll=cfg.delivery.poll,
         schedule=cfg.queue.retry,
@@ -220,6 +221,7 @@ class Node:
             for address in getattr(cfg.listen, kind):
                 await self.server.listen(kind, address, reuse_port=cfg.workers > 1)
         worker = queue_worker(cfg, self.store)
+        relay.worker = worker  # ETRN delivers through the node's own worker
         ctx.wake_queue = worker.wake
         worker.start()
         self.services.append(worker)

@@ -105,6 +105,7 @@ class Submission:
 class Delivery:
     port: int = 25
     workers: int = 20  # concurrent outbound deliveries
+    per_destination: int = 1  # connections at once to one destination domain
     poll: float = 5.0  # seconds between queue scans when idle
     lease: float = 600.0  # a claim expires after this; another worker may then take it
     require_tls: bool = False
@@ -280,7 +281,15 @@ def from_dict(data: dict[str, Any], source: str = "") -> Config:
         timeouts=_fields(Timeouts, _table(data, "timeouts"), "timeouts", secs),
         auth=_fields(Auth, _table(data, "auth"), "auth", {"mechanisms": _strs}),
         submission=_fields(Submission, _table(data, "submission"), "submission", {}),
-        delivery=_fields(Delivery, _table(data, "delivery"), "delivery", {}),
+        delivery=_fields(
+            Delivery,
+            _table(data, "delivery"),
+            "delivery",
+            {
+                "poll": lambda v: parse_duration(v).total_seconds(),
+                "lease": lambda v: parse_duration(v).total_seconds(),
+            },
+        ),
         queue=queue,
         relay=replace(_fields(Relay, relay_t, "relay", {}), fetch=fetch),
         log=_fields(Log, _table(data, "log"), "log", {}),

@@ -83,5 +83,7 @@ def test_kill_during_delivery_loses_nothing(tmp_path: Path) -> None:
     )
     assert arrived_at_kill < LETTERS, "the kill came after the last delivery; test nothing"
     # A duplicate needs a kill between the remote 250 and our commit: at most one letter per open
-    # connection, and the worker may hold up to `[delivery] workers` (default 20) connections.
-    assert duplicates <= 20
+    # connection (each letter's outcome is committed before the next is sent), and the worker
+    # keeps one connection per destination (claims for a busy domain join its running task), so
+    # all 150 letters to yandex.test share one connection: at most one duplicate.
+    assert duplicates <= 1

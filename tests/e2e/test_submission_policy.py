@@ -281,3 +281,78 @@ def test_remote_recipient_is_queued(session: Any, node: NodeProcess) -> None:
             await store.close()
 
     assert (ALICE, [remote]) in asyncio.run(queued())
+
+
+# -- policy gaps: quoted local parts, AUTH= where AUTH is not offered, From:/Sender: --------------
+
+
+def test_quoted_local_part_reaches_the_same_mailbox(node: NodeProcess, wire: Any) -> None:
+    """RFC 5321 §4.1.2: `"bob"` and `bob` are one mailbox (and `"b\\ob"` too)."""
+    subject = subject_of("quoted")
+    w = wire(node, "mx")
+    assert w.reply()[0] == 220
+    assert w.command("EHLO client.test")[0] == 250
+    assert w.command("MAIL FROM:<someone@far.test>")[0] == 250
+    assert w.command('RCPT TO:<"bob"@mail.test>')[0] == 250
+    assert w.command('RCPT TO:<"car\\ol"@MAIL.test>')[0] == 250
+    assert w.command('RCPT TO:<"no body"@mail.test>')[0] == 550  # a different, unknown mailbox
+    assert w.command("DATA")[0] == 354
+    w.send(f"Subject: {subject}\r\n\r\nquoted\r\n.\r\n".encode())
+    assert w.reply()[0] == 250
+    assert find(node, subject, BOB) is not None
+    assert find(node, subject, CAROL) is not None
+
+
+def test_auth_parameter_where_auth_is_not_offered(
+    node: NodeProcess, wire: Any, session: Any
+) -> None:
+    """RFC 4954 §5: MAIL ... AUTH= belongs to AUTH; port 25 does not advertise it -> 555."""
+    w = wire(node, "mx")
+    assert w.reply()[0] == 220
+    code, text = w.command("EHLO client.test")
+    assert code == 250 and "AUTH" not in text
+    code, text = w.command("MAIL FROM:<a@far.test> AUTH=<>")
+    assert (code, text[:5]) == (555, "5.5.4")
+    assert w.command("MAIL FROM:<a@far.test>")[0] == 250  # the session goes on
+    client = session("submission", user=ALICE)  # AUTH offered: the parameter is fine
+    assert client.mail(ALICE, [f"AUTH={ALICE}"])[0] == 250
+
+
+def test_a_letter_without_from_gets_the_envelope_sender(session: Any, node: NodeProcess) -> None:
+    """RFC 6409 §8.1: the MSA may add From:; it uses the (owned) envelope sender."""
+    subject = subject_of("no from")
+    client = session("submission", user=ALICE)
+    body = f"To: {BOB}\r\nSubject: {subject}\r\n\r\nWho sent this?\r\n".encode()
+    assert client.sendmail(SALES, [BOB], body) == {}
+    got = find(node, subject, BOB)
+    assert got is not None and got["from"] == f"<{SALES}>"
+    raw = raw_message(node, got["id"])
+    assert raw.count(b"\nFrom: ") == 1 and f"\nFrom: <{SALES}>\r\n".encode() in raw
+
+
+def test_client_from_is_not_duplicated(session: Any, node: NodeProcess) -> None:
+    subject = subject_of("own from")
+    client = session("submission", user=ALICE)
+    client.sendmail(ALICE, [BOB], letter(subject, sender=f"Alice <{ALICE}>"))
+    got = find(node, subject, BOB)
+    raw = raw_message(node, got["id"])
+    assert raw.count(b"\nFrom: ") == 1 and f"\nFrom: Alice <{ALICE}>\r\n".encode() in raw
+
+
+def test_sender_header_of_another_user_is_refused(session: Any, node: NodeProcess) -> None:
+    subject = subject_of("forged sender")
+    client = session("submissions", user=BOB)
+    body = letter(subject, sender=BOB, to=CAROL, extra=f"Sender: Alice <{ALICE}>\r\n")
+    with pytest.raises(smtplib.SMTPDataError) as err:
+        client.sendmail(BOB, [CAROL], body)
+    assert err.value.smtp_code == 553
+    assert err.value.smtp_error.startswith(b"5.7.1") and b"Sender:" in err.value.smtp_error
+    assert find(node, subject, CAROL) is None
+
+
+def test_own_alias_in_sender_is_allowed(session: Any, node: NodeProcess) -> None:
+    subject = subject_of("own sender")
+    client = session("submission", user=ALICE)
+    body = letter(subject, to=BOB, extra=f"Sender: Sales <{SALES}>\r\n")
+    assert client.sendmail(ALICE, [BOB], body) == {}
+    assert find(node, subject, BOB) is not None

@@ -5,6 +5,7 @@ store them."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -16,12 +17,15 @@ from relayhelp import (
     Raw,
     add_user,
     eventually,
+    now,
     open_sqlite,
     start_provider,
 )
 
 from pochta import smtp
 from pochta.client.session import SmtpError
+from pochta.dns import DnsResolver
+from pochta.queue.worker import QueueWorker
 from pochta.relay_fetch import FetchEntry, FetchJob, FetchSchedule, fetch, parse_fetch_entry
 from pochta.server.listener import ServerLimits, SmtpServer
 from pochta.server.session import ServerContext
@@ -219,3 +223,67 @@ def test_fetch_entry_validation(tmp_path: Path) -> None:
     for bad in ({**good, "color": "red"}, {"server": "h"}, {**good, "verb": "POP"}):
         with pytest.raises(ConfigError):
             parse_fetch_entry(bad, tmp_path)
+
+
+# -- ETRN deliveries go through the queue worker ------------------------------------------------
+async def test_etrn_refusals_bounce_like_the_queue(routed: Provider, customer: SmtpServer) -> None:
+    """The customer refuses one recipient: the queue worker's path records it and bounces it
+    to the (remote) sender with the null reverse-path; the other one is delivered."""
+    await routed.hold(rcpt="nobody@branch.test", subject="refused")
+    await routed.hold(subject="taken")
+    assert (await _etrn(routed, "branch.test"))[0] == 253
+    await eventually(lambda: _count(customer, 1, "bob@branch.test"))
+    await eventually(lambda: _bounce_only(routed))
+    (bounce,) = await routed.store.list_queue()
+    assert [r.address for r in bounce.recipients] == ["alice@far.test"]
+    body = await routed.store.get_queue_body(bounce.id)
+    assert b"Final-Recipient: rfc822; nobody@branch.test" in body and b"Status: 5.1.1" in body
+
+
+async def test_etrn_to_a_dead_route_keeps_the_mail_held(provider: Provider) -> None:
+    """No answer at the domain's destination: one transient attempt, still held, no lease left
+    (ATRN can take it at once)."""
+    await provider.hold()
+    raw = await Raw.open(provider.ports["submission"])
+    await raw.login("cust@mail.test")
+    assert (await raw.cmd("ETRN branch.test"))[0] == 253
+    await raw.close()
+    await eventually(lambda: _attempted(provider))
+    (entry,) = await provider.store.list_queue()
+    (rcpt,) = entry.recipients
+    assert rcpt.held and rcpt.attempts == 1 and rcpt.last_reply.startswith("4.4.1 connect to")
+    await eventually(lambda: _claimable(provider))
+
+
+async def _attempted(provider: Provider) -> bool:
+    entries = await provider.store.list_queue()
+    return bool(entries) and entries[0].recipients[0].attempts == 1 and not provider.relay._tasks
+
+
+async def _claimable(provider: Provider) -> bool:
+    claims = await provider.store.claim(
+        "atrn-test", now(), timedelta(seconds=5), domains=["branch.test"]
+    )
+    return len(claims) == 1
+
+
+async def test_etrn_uses_the_attached_node_worker(provider: Provider, customer: SmtpServer) -> None:
+    """The relay's own resolver has no route for branch.test (its "*" route is dead): the
+    letter can only arrive through the attached worker, whose resolver knows the customer."""
+    worker = QueueWorker(
+        provider.store,
+        DnsResolver(routes={"branch.test": [f"{CUSTOMER_IP}:{_port(customer)}"]}),
+        hostname="mx.mail.test",
+        owner="node-worker",
+    )
+    provider.relay.worker = worker
+    try:
+        await provider.hold(subject="via the node")
+        raw = await Raw.open(provider.ports["submission"])
+        await raw.login("cust@mail.test")
+        assert (await raw.cmd("ETRN branch.test"))[0] == 253
+        await raw.close()
+        await eventually(lambda: _count(customer, 1, "bob@branch.test"))
+        await eventually(lambda: _provider_empty(provider))
+    finally:
+        await worker.stop()

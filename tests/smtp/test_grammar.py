@@ -383,3 +383,36 @@ def test_path_of_builds_paths() -> None:
     assert smtp.path_of("") == smtp.NULL_PATH
     assert smtp.path_of("User@Example.ORG") == smtp.Path("User", "example.org")
     assert smtp.path_of("postmaster") == smtp.Path("postmaster", "")
+
+
+# RFC 5321 §4.1.2: a Quoted-string local part whose content is a valid Dot-string is the same
+# mailbox as that Dot-string; the Path carries the Dot-string form.
+@pytest.mark.parametrize(
+    ("text", "local"),
+    [
+        ('<"alice"@mail.test>', "alice"),
+        ('<"Alice.Smith"@mail.test>', "Alice.Smith"),
+        ('<"al\\ice"@mail.test>', "alice"),  # quoted-pairSMTP: \i is i
+        ('<"a+tag"@mail.test>', "a+tag"),
+        ('<"john doe"@mail.test>', '"john doe"'),  # a space: only the quoted form is valid
+        ('<"a..b"@mail.test>', '"a..b"'),
+        ('<".a"@mail.test>', '".a"'),
+        ('<"a@b"@mail.test>', '"a@b"'),
+        ('<""@mail.test>', '""'),
+    ],
+)
+def test_quoted_dot_string_local_part_is_unquoted(text: str, local: str) -> None:
+    assert smtp.parse_path(text).local == local
+
+
+def test_rcpt_with_a_quoted_local_part_names_the_plain_mailbox(pair: ConnectionPair) -> None:
+    pair.client_send(smtp.MailFrom(smtp.path_of("a@example.org")))
+    pair.server_send(R.SENDER_OK)
+    items = pair.feed_server(b'RCPT TO:<"alice"@Mail.Test>\r\n')
+    assert items == [smtp.RcptTo(smtp.Path("alice", "mail.test"), {})]
+    assert str(items[0].path) == "<alice@mail.test>"
+
+
+def test_mail_from_with_a_quoted_local_part(pair: ConnectionPair) -> None:
+    items = pair.feed_server(b'MAIL FROM:<"bob"@example.org> SIZE=10\r\n')
+    assert items == [smtp.MailFrom(smtp.Path("bob", "example.org"), {"SIZE": "10"})]

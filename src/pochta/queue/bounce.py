@@ -1,8 +1,10 @@
 """Attempt results and the notices they cause: bounces, delay warnings and double bounces.
-Imports `smtp` (Reply), `dns` (DnsError), `message` (DSN building, summaries) and `store.api`.
+Imports `smtp` (Reply), `dns` (DnsError), `message` (DSN building, summaries), `log` and
+`store.api`.
 
 - `Attempt`: the result of one delivery attempt for one recipient, with everything a DSN needs
   (RFC 3463 status, RFC 3464 diagnostic, the remote MTA) and the text stored as `last_reply`.
+- `log_result()`: the mail log line of one recipient's attempt.
 - `make_notice()`: the DSN for a letter's failed or delayed recipients as a `Letter` routed the
   way RFC 5321 §4.5.5 and §6.1 want it: to the envelope sender with the null reverse-path,
   straight into a local mailbox when the sender is hosted here, queued outbound otherwise; never
@@ -17,12 +19,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
+from pochta import log as maillog
 from pochta.dns import DnsError
 from pochta.message.dsn import FailedRecipient, build_dsn
 from pochta.message.headers import parse_summary
 from pochta.queue.policy import classify
 from pochta.smtp import Reply
-from pochta.store.api import INBOX, Letter, MailStore, OutcomeKind, Target, domain_of
+from pochta.store.api import (
+    INBOX,
+    Claim,
+    Letter,
+    MailStore,
+    OutcomeKind,
+    QueueRecipient,
+    Target,
+    domain_of,
+)
 from pochta.store.api import normalize_address as _norm
 
 log = logging.getLogger(__name__)
@@ -99,6 +111,13 @@ UNKNOWN_LOCAL_USER = Reply(550, "5.1.1", "No such user here")
 ADMIN_BOUNCE = Attempt.local(
     OutcomeKind.PERMANENT, "5.0.0", "returned to sender by the mail system administrator"
 )
+
+
+def held_attempt(domain: str) -> Attempt:
+    """The standing result of held relay mail that its customer has not collected: transient,
+    RFC 3463 X.4.0 (a routing status). Expired, it reads "5.4.7 delivery time expired"."""
+    text = f"held for the relay customer of {domain}, not collected"
+    return Attempt.local(OutcomeKind.TRANSIENT, "4.4.0", text)
 
 
 def _class_status(kind: OutcomeKind) -> str:
@@ -187,3 +206,41 @@ def _local_letter(dsn: bytes, user: str) -> Letter:
     # RFC 3464 §2: the DSN's own return path is null, so it cannot loop
     target = Target(address=user, folder=INBOX, return_path="")
     return Letter(body=dsn, sender="", summary=parse_summary(dsn), targets=(target,))
+
+
+def describe(exc: BaseException) -> str:
+    """A connection failure in a few words, for replies and logs."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def log_result(
+    claim: Claim,
+    rcpt: QueueRecipient,
+    attempt: Attempt,
+    relay: str | None,
+    tls_info: tuple[str | None, bool] | None,
+    retry: datetime | None,
+) -> None:
+    """One Postfix-style line per recipient: status, relay, TLS version and verification."""
+    status = {
+        OutcomeKind.DELIVERED: "sent",
+        OutcomeKind.PERMANENT: "bounced",
+        OutcomeKind.TRANSIENT: "deferred",
+    }[attempt.kind]
+    maillog.event(
+        status,
+        queue=claim.queue_id,
+        sender=claim.sender or "<>",
+        rcpt=rcpt.address,
+        relay=relay or "none",
+        tls=tls_info[0] if tls_info else "none",
+        verified=("yes" if tls_info[1] else "no") if tls_info else "-",
+        attempts=rcpt.attempts + 1,
+        dsn=attempt.status,
+        reply=attempt.reply,
+        retry=retry.isoformat(timespec="seconds") if retry else "-",
+    )

@@ -4,12 +4,21 @@ delay notice in one store transaction. Imports `client`, `dns`, `smtp`, `tls`, `
 `message`, `store.api` and its `queue` siblings; never `config` (app.py passes plain values).
 
 One pass: `store.claim()` leases due recipients to this worker's `owner` (unique per process, so
-a restarted node never mistakes an old lease for its own), groups them per domain and starts one
-task per domain, at most `concurrency` at a time. A domain task resolves the destination
-(`Resolver.destinations`), tries its hosts in order until one greets and accepts EHLO, uses
-STARTTLS when offered (RFC 3207; opportunistic, RFC 7435), sends every letter of the domain on
-that connection and commits each letter's outcomes right after its final reply, which keeps the
-window for a duplicate after a crash (RFC 5321 §6.1 prefers duplicates to losses) small.
+a restarted node never mistakes an old lease for its own) and groups them per domain. A domain
+has at most `per_destination` delivery tasks (default 1, so one connection per destination);
+claims for a domain whose tasks are all busy are handed to the least loaded running task, which
+sends them on its open connection after the letters it has. New tasks start while fewer than
+`concurrency` run. A domain task resolves the destination (`Resolver.destinations`), tries its
+hosts in order until one greets and accepts EHLO, uses STARTTLS when offered (RFC 3207;
+opportunistic, RFC 7435), sends every letter handed to it on that connection and commits each
+letter's outcomes right after its final reply, which keeps the window for a duplicate after a
+crash (RFC 5321 §6.1 prefers duplicates to losses) to at most one letter per connection.
+`deliver()` runs the same path for claims made elsewhere (the relay's ETRN for held domains).
+
+Held relay mail waits for its customer (ETRN/ATRN/TURN) and is never claimed by a pass, so
+`expire_held()` (run every `held_every` seconds) applies the queue's time limits to it: a
+"delayed" DSN after `warn_after`, give-up with a bounce after `give_up_after` (RFC 5321
+§4.5.4.1), and administrator bounces (`pochta queue bounce`).
 Between passes the worker sleeps until `wake()`, the next due recipient, or `poll` seconds.
 """
 
@@ -22,11 +31,11 @@ import random
 import secrets
 import ssl
 import time
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
-from pochta import log as maillog
 from pochta import smtp
 from pochta import tls as tlsmod
 from pochta.client.session import SmtpClient, SmtpError, Timeouts
@@ -40,6 +49,9 @@ from pochta.queue.bounce import (
     DELIVERED_LOCALLY,
     UNKNOWN_LOCAL_USER,
     Attempt,
+    describe,
+    held_attempt,
+    log_result,
     make_notice,
 )
 from pochta.queue.deliver import send_claim
@@ -50,8 +62,11 @@ from pochta.store.api import (
     MailStore,
     Outcome,
     OutcomeKind,
+    QueueEntry,
     QueueRecipient,
+    RcptState,
     Target,
+    domain_of,
 )
 
 log = logging.getLogger(__name__)
@@ -61,6 +76,7 @@ CONNECTION_ERRORS = (OSError, TimeoutError, SmtpError, smtp.ProtocolError)
 LEASE_MARGIN = 0.8  # stop starting new letters after this share of the lease has passed
 VERIFY_FAILED_TTL = 3600.0  # seconds to remember that a host's certificate does not verify
 NO_RESULT = Attempt.local(OutcomeKind.TRANSIENT, "4.4.2", "delivery was interrupted")
+HELD_LIMIT = 1000  # recipients one expire_held() claims at most
 
 
 def make_owner(hostname: str) -> str:
@@ -76,6 +92,35 @@ class TlsRequired(Exception):
     """`require_tls` is set and the peer did not offer (or failed) STARTTLS."""
 
 
+Batch = tuple[float, list[Claim]]  # claims handed over together, with their monotonic claim time
+
+
+@dataclass(eq=False)
+class _Run:
+    """One delivery task of a domain: the batches handed to it, the claims in hand (removed
+    once recorded) and how many recipients it delivered."""
+
+    domain: str
+    backlog: deque[Batch] = field(default_factory=deque)
+    current: list[Claim] = field(default_factory=list)
+    delivered: int = 0
+    task: asyncio.Task[None] | None = None
+
+    def ids(self) -> list[int]:
+        """Recipient ids handed to this run and not recorded yet."""
+        claims = [*self.current, *(c for _, batch in self.backlog for c in batch)]
+        return [r.id for c in claims for r in c.recipients]
+
+
+@dataclass
+class _Link:
+    """An open connection to a destination."""
+
+    client: SmtpClient
+    peer: str  # "host[ip]:port", for logs
+    mta: str  # the host name, for DSNs (RFC 3464 Remote-MTA)
+
+
 class QueueWorker:
     """Delivers the outbound queue; `start()` runs it in the background, `stop()` ends it."""
 
@@ -88,6 +133,7 @@ class QueueWorker:
         owner: str,
         port: int = 25,
         concurrency: int = 20,
+        per_destination: int = 1,
         lease: float | timedelta = 600.0,
         poll: float = 5.0,
         schedule: Sequence[timedelta] = policy.DEFAULT_RETRY,
@@ -100,6 +146,7 @@ class QueueWorker:
         tls_cafile: str | None = None,
         batch: int = 100,
         grace: float = 10.0,
+        held_every: float = 60.0,
     ) -> None:
         self.store = store
         self.resolver = resolver
@@ -107,6 +154,7 @@ class QueueWorker:
         self.owner = owner
         self.port = port
         self.concurrency = max(1, concurrency)
+        self.per_destination = max(1, per_destination)
         self.lease = lease if isinstance(lease, timedelta) else timedelta(seconds=lease)
         self.poll = poll
         self.schedule = tuple(schedule)
@@ -118,6 +166,7 @@ class QueueWorker:
         self.require_tls = require_tls
         self.batch = batch
         self.grace = grace
+        self.held_every = held_every
         self._verifying = tlsmod.client_context(verify=True, cafile=tls_cafile)
         self._insecure = tlsmod.client_context(verify=False)
         self._unverifiable: dict[str, float] = {}  # host name -> monotonic expiry
@@ -126,6 +175,8 @@ class QueueWorker:
         self._loop_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._inflight: set[int] = set()  # recipient ids leased to a running domain task
+        self._runs: dict[str, list[_Run]] = {}  # domain -> its running delivery tasks
+        self._held_next = 0.0  # monotonic time of the next expire_held()
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -158,6 +209,26 @@ class QueueWorker:
         while self._tasks:
             await asyncio.gather(*set(self._tasks), return_exceptions=True)
         return count
+
+    async def deliver(self, domain: str, claims: Sequence[Claim]) -> int:
+        """Deliver `claims`, already leased to `self.owner` (the relay's ETRN claims held mail
+        this way), to `domain` now, exactly as a queue pass would: resolve, connect, STARTTLS,
+        send, classify, record, bounce. Returns how many recipients were delivered; whatever is
+        not decided keeps its place in the queue."""
+        ids = [r.id for c in claims for r in c.recipients]
+        if self._stopping:
+            await self.store.release(self.owner, ids)
+            return 0
+        self._inflight.update(ids)
+        runs = self._runs.get(domain, [])
+        joined = len(runs) >= self.per_destination  # the domain's connections are all busy
+        run = min(runs, key=lambda r: len(r.backlog)) if joined else self._start(domain)
+        run.backlog.append((time.monotonic(), list(claims)))
+        assert run.task is not None
+        # cancelling the caller cancels its own delivery (the leases are released), never one
+        # it joined
+        await (asyncio.shield(run.task) if joined else run.task)
+        return run.delivered
 
     # -- the loop -----------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -199,9 +270,16 @@ class QueueWorker:
             pass
 
     async def _dispatch(self) -> int:
-        """Claim due recipients and start a task per destination domain."""
-        free = self._free()
-        if free <= 0 or self._stopping:
+        """Claim due recipients and hand them to their domain's task (started when needed)."""
+        if self._stopping:
+            return 0
+        if time.monotonic() >= self._held_next:
+            self._held_next = time.monotonic() + self.held_every
+            try:
+                await self.expire_held()
+            except StoreError as exc:
+                log.warning("queue: cannot expire held mail: %s", exc)
+        if self._free() <= 0:
             return 0
         claims = await self.store.claim(self.owner, utcnow(), self.lease, self.batch)
         groups: dict[str, list[Claim]] = {}
@@ -212,17 +290,41 @@ class QueueWorker:
                 groups.setdefault(claim.domain, []).append(replace(claim, recipients=fresh))
         started = time.monotonic()
         count = 0
-        for index, (domain, group) in enumerate(groups.items()):
+        for domain, group in groups.items():
             ids = [r.id for c in group for r in c.recipients]
-            if index >= free:
+            run = self._run_for(domain)
+            if run is None:
                 await self._release(ids)
                 continue
+            run.backlog.append((started, group))  # no await since _run_for: the run is alive
             self._inflight.update(ids)
-            task = asyncio.create_task(self._deliver_domain(domain, group, started))
-            self._tasks.add(task)
-            task.add_done_callback(self._task_done)
             count += len(ids)
         return count
+
+    def _run_for(self, domain: str) -> _Run | None:
+        """The task to hand `domain`'s claims to: a new one while the domain has fewer than
+        `per_destination` and a slot is free, else the running one with the least backlog;
+        None when the domain has none and no slot is free."""
+        runs = self._runs.get(domain, [])
+        if len(runs) < self.per_destination and self._free() > 0:
+            return self._start(domain)
+        return min(runs, key=lambda r: len(r.backlog)) if runs else None
+
+    def _start(self, domain: str) -> _Run:
+        run = _Run(domain)
+        self._runs.setdefault(domain, []).append(run)
+        task = asyncio.create_task(self._drive(run), name=f"deliver:{domain}")
+        run.task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return run
+
+    def _forget(self, run: _Run) -> None:
+        runs = self._runs.get(run.domain, [])
+        if run in runs:
+            runs.remove(run)
+        if not runs:
+            self._runs.pop(run.domain, None)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -238,67 +340,91 @@ class QueueWorker:
         self._inflight.difference_update(rcpt_ids)
 
     # -- one domain ---------------------------------------------------------------------------
-    async def _deliver_domain(self, domain: str, claims: list[Claim], started: float) -> None:
-        remaining = list(claims)  # claims are removed once their outcomes are recorded
-        cancelled = False
+    async def _drive(self, run: _Run) -> None:
+        """Deliver every batch handed to `run`, on one connection while it lasts; QUIT when the
+        backlog is empty, and leave only after that (one connection per destination at a time)."""
+        link: _Link | None = None
         try:
-            if await self.store.hosts_domain(domain):
-                await self._deliver_local(remaining)
-            else:
-                await self._deliver_remote(domain, remaining, started)
-        except asyncio.CancelledError:
-            cancelled = True  # stop() releases what is left
-            raise
+            local = await self.store.hosts_domain(run.domain)
+            while True:
+                if not run.backlog:
+                    if link is None:
+                        self._forget(run)  # no await between the check and this: none handed in
+                        return
+                    await link.client.quit()  # claims handed in meanwhile open a new connection
+                    link = None
+                    continue
+                started, run.current = run.backlog.popleft()
+                if local:
+                    await self._deliver_local(run)
+                else:
+                    link = await self._deliver_remote(run, started, link)
+                if run.current:  # the lease ran short: release, the next pass claims it again
+                    await self._release([r.id for c in run.current for r in c.recipients])
+                    run.current = []
         except Exception:
-            log.exception("queue: delivery to %s failed", domain)
+            log.exception("queue: delivery to %s failed", run.domain)
         finally:
-            if not cancelled and remaining:
-                await self._release([r.id for c in remaining for r in c.recipients])
+            self._forget(run)
+            if link is not None:
+                await link.client.quit()
+            leftover = run.ids()
+            run.current, run.backlog = [], deque()
+            if leftover:
+                await self._release(leftover)
 
-    async def _deliver_remote(self, domain: str, remaining: list[Claim], started: float) -> None:
+    async def _deliver_remote(self, run: _Run, started: float, link: _Link | None) -> _Link | None:
+        """`run.current` over `link` (opened first when None); the link if it is still usable."""
+        remaining = run.current
         for claim in list(remaining):  # administrator bounces need no connection
             if all(r.give_up for r in claim.recipients):
                 await self._record(claim, {})
                 remaining.remove(claim)
         if not remaining:
-            return
+            return link
+        if link is None:
+            link = await self._open_link(run.domain, remaining)
+            if link is None:
+                return None
+        if await self._send_all(link, run, started):
+            return link
+        await link.client.close()
+        return None
+
+    async def _open_link(self, domain: str, remaining: list[Claim]) -> _Link | None:
+        """A connection to `domain`; None after recording why there is none."""
         try:
             hosts = await self.resolver.destinations(domain)
         except DnsError as exc:
             await self._record_all(remaining, Attempt.from_dns(exc))
-            return
+            return None
         connected = await self._connect(hosts)
         if isinstance(connected, Attempt):
             await self._record_all(remaining, connected)
-            return
-        client, peer, mta = connected
-        try:
-            await self._send_all(client, (peer, mta), remaining, started)
-        finally:
-            await client.quit()
+            return None
+        return connected
 
-    async def _send_all(
-        self, client: SmtpClient, peer: tuple[str, str], remaining: list[Claim], started: float
-    ) -> None:
-        """Every claimed letter over one connection; `peer`: ("host[ip]:port" for logs, the host
-        name for DSNs)."""
+    async def _send_all(self, link: _Link, run: _Run, started: float) -> bool:
+        """Every letter of `run.current` over `link`; False when the connection failed."""
         lease = self.lease.total_seconds()
+        remaining = run.current
         for claim in list(remaining):
             if time.monotonic() - started > lease * LEASE_MARGIN:
-                return  # the lease is running out: the rest is released and claimed again
+                return True  # the lease is running out: the rest is released and claimed again
             sendable = replace(
                 claim, recipients=tuple(r for r in claim.recipients if not r.give_up)
             )
             try:
-                replies = await send_claim(client, sendable)
+                replies = await send_claim(link.client, sendable)
             except CONNECTION_ERRORS as exc:
-                text = f"{peer[0]}: {_why(exc)}"
-                failure = Attempt.local(OutcomeKind.TRANSIENT, "4.4.2", text, peer[1])
-                await self._record_all(remaining, failure, peer[0])
-                return
-            attempts = {rid: Attempt.from_reply(reply, peer[1]) for rid, reply in replies.items()}
-            await self._record(claim, attempts, peer[0], client)
+                text = f"{link.peer}: {describe(exc)}"
+                failure = Attempt.local(OutcomeKind.TRANSIENT, "4.4.2", text, link.mta)
+                await self._record_all(remaining, failure, link.peer)
+                return False
+            attempts = {rid: Attempt.from_reply(reply, link.mta) for rid, reply in replies.items()}
+            run.delivered += await self._record(claim, attempts, link.peer, link.client)
             remaining.remove(claim)
+        return True
 
     async def _record_all(
         self, claims: list[Claim], attempt: Attempt, peer: str | None = None
@@ -307,8 +433,9 @@ class QueueWorker:
             await self._record(claim, {r.id: attempt for r in claim.recipients}, peer)
             claims.remove(claim)
 
-    async def _deliver_local(self, remaining: list[Claim]) -> None:
+    async def _deliver_local(self, run: _Run) -> None:
         """Recipients in a hosted domain go straight into the store (no SMTP to ourselves)."""
+        remaining = run.current
         for claim in list(remaining):
             attempts: dict[int, Attempt] = {}
             users: dict[int, str] = {}
@@ -320,6 +447,7 @@ class QueueWorker:
                     attempts[r.id] = Attempt.from_reply(UNKNOWN_LOCAL_USER, self.hostname)
             if users:
                 await self._store_locally(claim, users)
+                run.delivered += len(users)
             rest = tuple(r for r in claim.recipients if r.id not in users)
             if rest:
                 await self._record(replace(claim, recipients=rest), attempts, self.hostname)
@@ -337,10 +465,61 @@ class QueueWorker:
         self._inflight.difference_update(users)
         for rcpt in claim.recipients:
             if rcpt.id in users:
-                _log_result(claim, rcpt, DELIVERED_LOCALLY, "local", None, None)
+                log_result(claim, rcpt, DELIVERED_LOCALLY, "local", None, None)
+
+    # -- held relay mail ----------------------------------------------------------------------
+    async def expire_held(self) -> int:
+        """Apply the time limits to held relay mail (see the module docstring); returns how
+        many recipients got an outcome. Only domains with such recipients are claimed, and only
+        for as long as it takes to record them."""
+        if not await self.store.list_relay_domains():
+            return 0
+        now = utcnow()
+        domains = sorted(
+            {
+                domain_of(r.address)
+                for entry in await self.store.list_queue()
+                for r in entry.recipients
+                if self._held_due(entry, r, now)
+            }
+        )
+        if not domains:
+            return 0
+        claims = await self.store.claim(self.owner, now, self.lease, HELD_LIMIT, domains=domains)
+        # recipients of our own running tasks (an ETRN delivery) are theirs to settle
+        mine = [replace(c, recipients=_not_in(c.recipients, self._inflight)) for c in claims]
+        unsettled = {r.id for c in mine for r in c.recipients}
+        settled = 0
+        try:
+            for claim in mine:
+                due = [r for r in claim.recipients if self._held_due(claim, r, now)]
+                if due:
+                    attempt = held_attempt(claim.domain)
+                    attempts = {r.id: attempt for r in due}
+                    await self._record(replace(claim, recipients=tuple(due)), attempts)
+                    unsettled.difference_update(attempts)
+                    settled += len(due)
+        finally:
+            if unsettled:
+                await self._release(list(unsettled))
+        return settled
+
+    def _held_due(self, letter: QueueEntry | Claim, rcpt: QueueRecipient, now: datetime) -> bool:
+        """A held recipient whose time limit has come: an administrator bounce, give-up, or a
+        "delayed" notice (RFC 3464) not sent yet."""
+        if not rcpt.held or rcpt.state is not RcptState.QUEUED:
+            return False
+        return (
+            rcpt.give_up
+            or policy.should_give_up(letter.created_at, now, self.give_up_after)
+            or (
+                bool(letter.sender)
+                and policy.should_warn(letter.created_at, now, self.warn_after, rcpt.warned)
+            )
+        )
 
     # -- connecting ---------------------------------------------------------------------------
-    async def _connect(self, hosts: Sequence[Host]) -> tuple[SmtpClient, str, str] | Attempt:
+    async def _connect(self, hosts: Sequence[Host]) -> _Link | Attempt:
         """The first host (in MX order) that greets and takes EHLO; else why none did."""
         failure = Attempt.local(OutcomeKind.TRANSIENT, "4.4.3", "no host to deliver to")
         for host in hosts:
@@ -348,7 +527,7 @@ class QueueWorker:
             for address in host.addresses:
                 peer = f"{host.name}[{address}]:{port}"
                 try:
-                    return await self._open(host.name, address, port), peer, host.name
+                    return _Link(await self._open(host.name, address, port), peer, host.name)
                 except SmtpError as exc:
                     # RFC 5321 §3.8 / §5.1: a refused greeting means: try the next MX
                     text = f"{peer} refused to talk to me: {exc.reply}"
@@ -358,7 +537,7 @@ class QueueWorker:
                     failure = Attempt.local(OutcomeKind.TRANSIENT, "4.7.10", text, host.name)
                 except CONNECTION_ERRORS as exc:
                     # RFC 3463 X.4.1 "no answer from host"
-                    text = f"connect to {peer}: {_why(exc)}"
+                    text = f"connect to {peer}: {describe(exc)}"
                     failure = Attempt.local(OutcomeKind.TRANSIENT, "4.4.1", text, host.name)
                 log.info("queue: %s", failure.reply)
         return failure
@@ -414,8 +593,9 @@ class QueueWorker:
         attempts: dict[int, Attempt],
         peer: str | None = None,
         client: SmtpClient | None = None,
-    ) -> None:
-        """One `record_outcomes` for the claim, with the bounce or delay DSN as its notice."""
+    ) -> int:
+        """One `record_outcomes` for the claim, with the bounce or delay DSN as its notice;
+        returns how many recipients were delivered."""
         now = utcnow()
         outcomes: list[Outcome] = []
         failures: list[FailedRecipient] = []
@@ -426,7 +606,7 @@ class QueueWorker:
             if action:
                 failures.append(attempt.failure(rcpt.address, action))
             tls_info = (client.tls, client.tls_verified) if client and client.tls else None
-            _log_result(claim, rcpt, attempt, peer, tls_info, outcome.next_attempt)
+            log_result(claim, rcpt, attempt, peer, tls_info, outcome.next_attempt)
         notice = await make_notice(
             self.store,
             hostname=self.hostname,
@@ -439,6 +619,7 @@ class QueueWorker:
         )
         await self.store.record_outcomes(self.owner, outcomes, notice)
         self._inflight.difference_update(r.id for r in claim.recipients)
+        return sum(1 for o in outcomes if o.kind is OutcomeKind.DELIVERED)
 
     def _decide(
         self, claim: Claim, rcpt: QueueRecipient, attempt: Attempt, now: datetime
@@ -460,38 +641,5 @@ class QueueWorker:
         return outcome, attempt, "delayed" if warn else ""
 
 
-def _why(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
-
-
-def _log_result(
-    claim: Claim,
-    rcpt: QueueRecipient,
-    attempt: Attempt,
-    relay: str | None,
-    tls_info: tuple[str | None, bool] | None,
-    retry: datetime | None,
-) -> None:
-    """One Postfix-style line per recipient: status, relay, TLS version and verification."""
-    status = {
-        OutcomeKind.DELIVERED: "sent",
-        OutcomeKind.PERMANENT: "bounced",
-        OutcomeKind.TRANSIENT: "deferred",
-    }[attempt.kind]
-    maillog.event(
-        status,
-        queue=claim.queue_id,
-        sender=claim.sender or "<>",
-        rcpt=rcpt.address,
-        relay=relay or "none",
-        tls=tls_info[0] if tls_info else "none",
-        verified=("yes" if tls_info[1] else "no") if tls_info else "-",
-        attempts=rcpt.attempts + 1,
-        dsn=attempt.status,
-        reply=attempt.reply,
-        retry=retry.isoformat(timespec="seconds") if retry else "-",
-    )
+def _not_in(rcpts: tuple[QueueRecipient, ...], ids: set[int]) -> tuple[QueueRecipient, ...]:
+    return tuple(r for r in rcpts if r.id not in ids)

@@ -12,7 +12,9 @@ the `RelaySettings`).
   the customer answered it (delivered only after its 250). A connection that breaks leaves the
   undecided recipients held (a transient outcome), so nothing is lost and nothing sent twice.
 - ETRN: a queue run for a domain. Non-held mail is made due now for the queue worker
-  (`store.flush`); held mail is released to a one-off delivery to the domain's MX/route.
+  (`store.flush`); held mail is claimed for the queue worker (`worker`, the node's, or a private
+  one built from the settings) and delivered by its `QueueWorker.deliver()` to the domain's
+  MX/route: the same resolve/connect/STARTTLS/send/classify/record/bounce path as the queue.
 """
 
 from __future__ import annotations
@@ -21,10 +23,8 @@ import asyncio
 import contextlib
 import dataclasses
 import ipaddress
-import itertools
 import logging
 import os
-import ssl
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -33,12 +33,13 @@ from typing import Any
 from pochta import log as maillog
 from pochta import smtp
 from pochta.client.session import SmtpClient, SmtpError, Timeouts
-from pochta.dns.base import DnsError, Host, Resolver
+from pochta.dns.base import DnsError, Resolver
 from pochta.errors import StoreError
 from pochta.message import dsn
 from pochta.queue.bounce import Attempt, make_notice
 from pochta.queue.deliver import send_claim
 from pochta.queue.policy import DEFAULT_RETRY, next_attempt
+from pochta.queue.worker import QueueWorker, make_owner
 from pochta.server.session import Session
 from pochta.smtp import Reply
 from pochta.store.api import (
@@ -113,15 +114,20 @@ class RelayService:
     """`RelayHooks` for the Session and `on_turn` for the SmtpServer of one node."""
 
     def __init__(
-        self, store: MailStore, settings: RelaySettings, resolver: Resolver | None = None
+        self,
+        store: MailStore,
+        settings: RelaySettings,
+        resolver: Resolver | None = None,
+        worker: QueueWorker | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.resolver = resolver
+        self.worker = worker  # the node's queue worker: ETRN delivers held mail through it
+        self._own_worker: QueueWorker | None = None
         self._busy: set[str] = set()  # domains being handed over by this process
         self._handovers: dict[str, _Handover] = {}  # conn_id -> claims between 250 and on_turn
         self._tasks: set[asyncio.Task[None]] = set()
-        self._ids = itertools.count(1)
 
     # -- ATRN and TURN ------------------------------------------------------------------------
     async def atrn(self, session: Session, domains: tuple[str, ...]) -> Reply:
@@ -372,60 +378,39 @@ class RelayService:
         return sorted(found)
 
     async def deliver_held(self, domain: str) -> int:
-        """One delivery run of a held domain's mail to its MX/route (ETRN); returns how many
-        recipients the destination accepted. Undelivered recipients stay held."""
-        if domain in self._busy:
+        """One delivery run of a held domain's mail to its MX/route (ETRN), through the queue
+        worker's delivery path; returns how many recipients the destination accepted.
+        Undelivered recipients stay held (or bounce, as the queue decides)."""
+        worker = self._delivery()
+        if worker is None or domain in self._busy:
             return 0
         self._busy.add(domain)
-        owner = self._lease_owner(f"etrn.{next(self._ids)}")
         try:
-            claims = await self._claim(owner, [domain])
+            claims = await self._claim(worker.owner, [domain])
             if not claims:
                 return 0
-            return await self._deliver_to_destinations(owner, domain, claims)
+            return await worker.deliver(domain, claims)
         finally:
             self._busy.discard(domain)
 
-    async def _deliver_to_destinations(self, owner: str, domain: str, claims: list[Claim]) -> int:
-        hosts: list[Host] = []
-        if self.resolver is not None:
-            with contextlib.suppress(DnsError):
-                hosts = await self.resolver.destinations(domain)
-        for host in hosts:
-            for address in host.addresses:
-                client = await self._connect(address, host.port or self.settings.delivery_port)
-                if client is None:
-                    continue
-                try:
-                    sent = await self._transfer(client, owner, [domain], claims)
-                    await client.quit()
-                    return sent
-                except (OSError, TimeoutError, smtp.ProtocolError, SmtpError) as exc:
-                    log.info("ETRN delivery of %s to %s failed: %r", domain, address, exc)
-                    await client.close()
-                    return 0  # _transfer recorded the undecided recipients as transient
-        await self._lost(owner, claims)
-        return 0
-
-    async def _connect(self, address: str, port: int) -> SmtpClient | None:
-        """A client on `address`, with opportunistic STARTTLS (RFC 3207, RFC 7435)."""
-        try:
-            client = await SmtpClient.connect(
-                address, port, helo_name=self.settings.hostname, timeouts=self.settings.timeouts
+    def _delivery(self) -> QueueWorker | None:
+        """The node's queue worker; without one, a private worker built from the settings (it
+        only delivers what ETRN hands it); None without a resolver."""
+        if self.worker is not None:
+            return self.worker
+        if self._own_worker is None and self.resolver is not None:
+            s = self.settings
+            self._own_worker = QueueWorker(
+                self.store,
+                self.resolver,
+                hostname=s.hostname,
+                owner=make_owner(s.hostname),
+                port=s.delivery_port,
+                lease=s.lease,
+                schedule=s.retry,
+                timeouts=s.timeouts,
             )
-        except (OSError, TimeoutError, smtp.ProtocolError, SmtpError) as exc:
-            log.info("ETRN: cannot connect to %s:%d: %r", address, port, exc)
-            return None
-        if not client.supports("STARTTLS"):
-            return client
-        try:
-            await client.starttls(_opportunistic_tls(), None)
-        except SmtpError:
-            return client  # refused: the connection goes on in plaintext
-        except (OSError, TimeoutError, ssl.SSLError, smtp.ProtocolError):
-            await client.close()
-            return None
-        return client
+        return self._own_worker
 
     # -- life cycle ---------------------------------------------------------------------------
     def _lease_owner(self, conn_id: str) -> str:
@@ -437,11 +422,13 @@ class RelayService:
         task.add_done_callback(self._tasks.discard)
 
     async def stop(self) -> None:
-        """Cancel running ETRN deliveries (their recipients stay held, leases expire)."""
+        """Cancel running ETRN deliveries (their leases are released; the mail stays held)."""
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._own_worker is not None:
+            await self._own_worker.stop()
 
 
 async def read_greeting(client: SmtpClient) -> Reply:
@@ -480,10 +467,3 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return ipaddress.ip_address(text)
     except ValueError:
         return None
-
-
-def _opportunistic_tls() -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context

@@ -152,8 +152,13 @@ class Session:
         return Reply(220, "", f"{self.ctx.hostname} ESMTP pochta")
 
     def extensions(self) -> frozenset[str]:
-        """Extensions the core enforces for this listener (they match the EHLO keywords)."""
-        return smtp.ALL_EXTENSIONS
+        """Extensions the core enforces for this listener (they match the EHLO keywords): AUTH
+        (RFC 4954) only on the listeners that can offer it."""
+        return smtp.ALL_EXTENSIONS | {"AUTH"} if self.submission else smtp.ALL_EXTENSIONS
+
+    def auth_offered(self) -> bool:
+        """EHLO lists AUTH: a submission listener, over TLS unless plaintext AUTH is allowed."""
+        return self.submission and (self.tls is not None or self.ctx.allow_plaintext_auth)
 
     def tls_started(self, description: str | None) -> None:
         """After STARTTLS: forget everything from before (RFC 3207 §4.2)."""
@@ -237,7 +242,7 @@ class Session:
         lines += ["CHUNKING", "BINARYMIME", "ENHANCEDSTATUSCODES"]
         if self.ctx.tls_available and self.tls is None:
             lines.append("STARTTLS")
-        if self.submission and (self.tls is not None or self.ctx.allow_plaintext_auth):
+        if self.auth_offered():
             lines.append("AUTH " + " ".join(self.ctx.auth_mechanisms))
         if self.ctx.relay is not None:
             if self.ctx.etrn_enabled and self.kind in (MX, SUBMISSION, SUBMISSIONS):
@@ -250,6 +255,10 @@ class Session:
 
     # -- the transaction ----------------------------------------------------------------------
     async def _mail(self, event: smtp.MailFrom) -> Reply:
+        if "AUTH" in event.params and not self.auth_offered():
+            # RFC 4954 §5 defines AUTH= for servers that advertise AUTH; RFC 5321 §4.1.1.11:
+            # a parameter of an extension not advertised is refused with 555
+            return R.PARAMETER_NO_EXT
         if self.submission:
             if self.user is None:
                 return AUTH_REQUIRED  # RFC 6409 §4.3, RFC 4954 §6
@@ -316,20 +325,24 @@ class Session:
     async def _end_of_data(self, conn: smtp.Connection) -> Reply:
         tx, self.tx = self.tx, None
         assert tx is not None
-        raw = b"".join(tx.chunks)
-        tx.chunks.clear()
+        # The body stays in the pieces it arrived in (never joined here: a 50 MiB letter costs
+        # 50 MiB); only the header block is looked at.
+        head = _header_block(tx.chunks)
+        sender = tx.mail.path.address
+        extra = b""
         if self.user is not None and self.submission:
-            refusal = await self._check_submitted(raw, tx)
+            refusal = await self._check_submitted(head, tx)
             if refusal is not None:
                 return refusal
-            raw = self._complete_headers(raw)
+            extra = self._missing_headers(head, sender)
         queue_id = ids.make_queue_id()
-        sender = tx.mail.path.address
-        body = self._trace_header(tx, queue_id, conn) + raw
+        body = (self._trace_header(tx, queue_id, conn) + extra, *tx.chunks)
+        tx.chunks.clear()
         targets = [Target(u, INBOX, return_path=sender) for u in tx.targets]
         if self.user is not None and self.submission:
             targets.append(Target(self.user.address, SENT))
-        letter = Letter(body, sender, headers.parse_summary(raw), targets, tx.outbound)
+        summary = headers.parse_summary(extra + head)
+        letter = Letter(body, sender, summary, targets, tx.outbound)
         accepted = await self.ctx.store.deliver(letter)  # durable before the 250
         self.ctx.delivered += 1
         if accepted.queue_id is not None:
@@ -341,7 +354,7 @@ class Session:
             id=queue_id,
             sender=sender or "<>",
             rcpts=len(tx.targets) + len(tx.outbound),
-            size=len(body),
+            size=sum(map(len, body)),
             queue=accepted.queue_id or "-",
         )
         return Reply(250, "2.0.0", f"OK queued as {queue_id}")
@@ -351,19 +364,26 @@ class Session:
         for address in headers.from_addresses(raw):  # RFC 6409 §8.1 sender checks
             if not await self._owns(address):
                 return NOT_YOUR_ADDRESS.with_text("From: header not owned by authenticated user")
+        for address in _sender_addresses(raw):  # RFC 5322 §3.6.2 Sender: is checked like From:
+            if not await self._owns(address):
+                return NOT_YOUR_ADDRESS.with_text("Sender: header not owned by authenticated user")
         if not self.ctx.rates.allow(self.user.address, len(tx.targets) + len(tx.outbound)):
             maillog.event("ratelimited", conn=self.conn_id, user=self.user.address)
             return RATE_LIMITED
         return None
 
-    def _complete_headers(self, raw: bytes) -> bytes:
-        """RFC 6409 §8.2-8.3: add Message-ID and Date when the client did not."""
+    def _missing_headers(self, raw: bytes, sender: str) -> bytes:
+        """RFC 6409 §8.1-8.3: the From: (the envelope sender, which the user owns), Message-ID
+        and Date fields to add when the client did not (RFC 5322 §3.6 requires From: and
+        Date:)."""
         extra = b""
+        if not headers.has_header(raw, "From"):
+            extra += f"From: <{sender}>\r\n".encode()
         if not headers.has_header(raw, "Message-ID"):
             extra += f"Message-ID: {ids.make_message_id(self.ctx.hostname)}\r\n".encode()
         if not headers.has_header(raw, "Date"):
             extra += f"Date: {ids.format_date(datetime.now(UTC))}\r\n".encode()
-        return extra + raw
+        return extra
 
     def _trace_header(self, tx: Transaction, queue_id: str, conn: smtp.Connection) -> bytes:
         protocol = "ESMTP" if self.esmtp else "SMTP"
@@ -467,3 +487,25 @@ class Session:
                 return TURN_DISABLED
             return await relay.turn(self)
         return R.NOT_IMPLEMENTED
+
+
+def _sender_addresses(raw: bytes) -> list[str]:
+    """The addresses in every Sender: field (RFC 5322 §3.6.2), lowercased."""
+    from email.utils import getaddresses
+
+    values = [headers.decode_header_value(v) for f, v in headers.iter_fields(raw) if f == b"sender"]
+    return [addr.lower() for _, addr in getaddresses(values) if addr]
+
+
+def _header_block(chunks: list[bytes], limit: int = 1 << 20) -> bytes:
+    """The message's header block (up to and including the empty line) from its first pieces;
+    at most `limit` octets when no empty line comes first (RFC 5322 §2.1)."""
+    head = b""
+    for chunk in chunks:
+        head += chunk
+        end = head.find(b"\r\n\r\n")
+        if end >= 0:
+            return head[: end + 4]
+        if len(head) >= limit:
+            return head[:limit]
+    return head

@@ -31,6 +31,7 @@ _ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
 _UTF8 = r"\u0080-\U0010ffff"
 _DOT_STRING = re.compile(rf"^[{_ATEXT}{_UTF8}]+(\.[{_ATEXT}{_UTF8}]+)*$")
 _QUOTED = re.compile(rf'^"([\x20\x21\x23-\x5b\x5d-\x7e{_UTF8}]|\\[\x20-\x7e])*"$')
+_QUOTED_PAIR = re.compile(r"\\([\x20-\x7e])")
 # sub-domain = Let-dig [Ldh-str]; U-labels allowed with SMTPUTF8 (RFC 6531 §3.3)
 _LABEL = rf"[A-Za-z0-9{_UTF8}]([A-Za-z0-9{_UTF8}\-]*[A-Za-z0-9{_UTF8}])?"
 _DOMAIN = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
@@ -128,7 +129,17 @@ def parse_path(text: str, *, allow_null: bool = False, allow_bare_postmaster: bo
     _check_local(local)
     if not valid_domain(domain):
         raise AddressError("domain" if len(domain) > MAX_DOMAIN else "syntax")
-    return Path(local, domain.lower())
+    return Path(unquote_local(local), domain.lower())
+
+
+def unquote_local(local: str) -> str:
+    """A quoted local part whose content is a valid Dot-string names the same mailbox as that
+    Dot-string (RFC 5321 §4.1.2: `"alice"` and `alice`, `"al\\ice"` too): return the Dot-string
+    form; any other local part unchanged."""
+    if not local.startswith('"'):
+        return local
+    content = _QUOTED_PAIR.sub(r"\1", local[1:-1])  # RFC 5321 §4.1.2 quoted-pairSMTP
+    return content if _DOT_STRING.match(content) else local
 
 
 def _check_local(local: str) -> None:

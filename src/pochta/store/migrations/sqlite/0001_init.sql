@@ -40,10 +40,12 @@ CREATE TABLE mailboxes (
 );
 
 -- one row per letter, shared by every mailbox copy and the queue entry
+-- raw is the LAST column: SQLite then stores zeroblob(N) without building it in memory, and
+-- the body is written in place with incremental blob I/O (a large letter costs its size once).
 CREATE TABLE bodies (
     id    INTEGER PRIMARY KEY AUTOINCREMENT,
-    raw   BLOB NOT NULL,
-    size  INTEGER NOT NULL
+    size  INTEGER NOT NULL,
+    raw   BLOB NOT NULL
 );
 
 CREATE TABLE messages (
