@@ -305,6 +305,12 @@ FROM mailboxes b JOIN users u ON u.id = b.user_id
 """
 
 ALIAS_SELECT = "SELECT a.alias, u.address FROM aliases a JOIN users u ON u.id = a.user_id"
+# resolve(): a user's own address, else the owner of an alias, in one statement ({p} = placeholder)
+RESOLVE_SQL = (
+    "SELECT address FROM users WHERE address = {p} UNION ALL"
+    " SELECT u.address FROM aliases a JOIN users u ON u.id = a.user_id WHERE a.alias = {p}"
+    " LIMIT 1"
+)
 
 QUEUE_SELECT = """
 SELECT q.id, q.sender, q.created_at, bo.size

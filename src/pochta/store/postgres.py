@@ -171,11 +171,7 @@ async def _add_alias(c: Conn, alias: str, address: str) -> Alias:
     return Alias(alias=alias, address=address)
 
 
-async def _resolve(c: Conn, address: str) -> str | None:
-    if await _exists(c, "SELECT 1 FROM users WHERE address = $1", address):
-        return address
-    row = await c.fetchrow(cm.ALIAS_SELECT + " WHERE a.alias = $1", address)
-    return None if row is None else str(row["address"])
+_RESOLVE = cm.RESOLVE_SQL.format(p="$1")
 
 
 async def _mailbox_id(c: Conn, address: str, folder: str) -> int:
@@ -435,8 +431,17 @@ class PostgresStore:
             return list(await c.fetch(sql, *args))
 
     async def _fetchval(self, sql: str, *args: Any) -> Any:
-        async with self._tx(readonly=True) as c:
-            return await c.fetchval(sql, *args)
+        """One statement, no explicit transaction: a single statement is atomic on its own,
+        and BEGIN/COMMIT would triple the round trips of the per-RCPT lookups."""
+        if self._pool is None:
+            raise StoreUnavailable("the store is not open")
+        try:
+            return await self._pool.fetchval(sql, *args)
+        except Exception as exc:
+            raised = _translate(exc)
+            if raised is exc:
+                raise
+            raise raised from exc
 
     async def _status(self, sql: str, *args: Any) -> int:
         async with self._tx() as c:
@@ -554,8 +559,8 @@ class PostgresStore:
         return [cm.alias_from(r) for r in rows]
 
     async def resolve(self, address: str) -> str | None:
-        async with self._tx(readonly=True) as c:
-            return await _resolve(c, normalize_address(address))
+        owner = await self._fetchval(_RESOLVE, normalize_address(address))
+        return None if owner is None else str(owner)
 
     # -- mail -----------------------------------------------------------------------------------
 

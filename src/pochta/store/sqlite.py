@@ -438,11 +438,11 @@ def _remove_alias(c: Conn, alias: str) -> None:
         raise NotFound(f"no such alias: {alias}")
 
 
+_RESOLVE = cm.RESOLVE_SQL.format(p="?1")
+
+
 def _resolve(c: Conn, address: str) -> str | None:
-    if _scalar(c, "SELECT 1 FROM users WHERE address = ?", (address,)) is not None:
-        return address
-    row = _one(c, cm.ALIAS_SELECT + " WHERE a.alias = ?", (address,))
-    owner = None if row is None else row["address"]
+    owner = _scalar(c, _RESOLVE, (address,))
     return None if owner is None else str(owner)
 
 
