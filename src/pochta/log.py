@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 TRACE = 5
 logging.addLevelName(TRACE, "TRACE")
@@ -17,15 +18,28 @@ maillog = logging.getLogger("pochta.maillog")
 def setup(level: str = "info", mail_log: str = "") -> None:
     """Configure the root logger on stderr (and the mail-event log's file, if given)."""
     numeric = TRACE if level.lower() == "trace" else getattr(logging, level.upper(), logging.INFO)
-    logging.basicConfig(
-        level=numeric,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=numeric, handlers=[handler])
     if mail_log:
-        handler = logging.FileHandler(mail_log)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        maillog.addHandler(handler)
+        file_handler = logging.FileHandler(mail_log)
+        file_handler.setFormatter(_Formatter("%(asctime)s %(message)s"))
+        maillog.addHandler(file_handler)
+
+
+class _Formatter(logging.Formatter):
+    """The standard format, with the timestamp's seconds formatted once per second (a mail
+    server logs a line per letter)."""
+
+    _second = -1
+    _text = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._text = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(record.created))
+        return f"{self._text},{int(record.msecs):03d}"
 
 
 def clean(value: object, limit: int = 120) -> str:

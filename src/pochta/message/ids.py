@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
 import secrets
 import time
@@ -43,6 +45,13 @@ def _format_second(seconds: int, offset: timedelta) -> str:
     return format_datetime(datetime.fromtimestamp(seconds, timezone(offset)))
 
 
+_QUEUE_SEQ = itertools.count(secrets.randbelow(1 << 20))
+
+
 def make_queue_id() -> str:
-    """A short unique id for one accepted letter, quoted in the 250 reply and in Received:."""
-    return f"{int(time.time() * 1000):x}{secrets.token_hex(5)}".upper()
+    """A short unique id for one accepted letter, quoted in the 250 reply and in Received:.
+
+    Milliseconds, the process id and a per-process counter (random start): unique across the
+    processes of a node and across restarts, without a random-number syscall per letter.
+    """
+    return f"{int(time.time() * 1000):X}{os.getpid() & 0xFFFF:04X}{next(_QUEUE_SEQ) & 0xFFFFF:05X}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from datetime import datetime
+from functools import lru_cache
 
 from pochta.message.ids import format_date
 
@@ -57,6 +58,7 @@ def sanitize(text: str | None, *, limit: int = _MAX_TOKEN) -> str:
     return _UNSAFE.sub("?", text)[:limit]
 
 
+@lru_cache(maxsize=1024)
 def address_literal(ip: str) -> str:
     """RFC 5321 §4.1.3: "[192.0.2.1]" or "[IPv6:2001:db8::1]"."""
     try:

@@ -45,7 +45,16 @@ class Reply:
         return 500 <= self.code < 600
 
     def to_bytes(self) -> bytes:
-        """The reply on the wire, CRLF-terminated, multi-line with `code-` continuation lines."""
+        """The reply on the wire, CRLF-terminated, multi-line with `code-` continuation lines.
+        Replies are values, so the wire form of the ones used again and again is kept."""
+        wire = _WIRE.get(self)
+        if wire is None:
+            wire = self._format()
+            if len(_WIRE) < 4096:
+                _WIRE[self] = wire
+        return wire
+
+    def _format(self) -> bytes:
         prefix = f"{self.code:03d}"
         enh = f"{self.enhanced} " if self.enhanced else ""
         lines = self.lines
@@ -59,6 +68,9 @@ class Reply:
 
     def with_text(self, text: str) -> Reply:
         return Reply(self.code, self.enhanced, text)
+
+
+_WIRE: dict[Reply, bytes] = {}
 
 
 def parse_reply_lines(lines: list[str]) -> Reply:

@@ -22,6 +22,7 @@ import json
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -122,7 +123,7 @@ class _Writer(threading.Thread):
 
     def run(self) -> None:
         try:
-            conn: Conn | None = _connect(self._path, self._busy_ms)
+            conn: Conn | None = _connect(self._path, 0)  # _begin() does the waiting
         except sqlite3.Error as exc:
             conn, self._broken = None, exc  # every request fails instead of hanging
         try:
@@ -157,11 +158,35 @@ class _Writer(threading.Thread):
             batch.append(item)
         return batch, False
 
+    def _begin(self, conn: Conn) -> None:
+        """BEGIN IMMEDIATE, waiting for another process's writer in short steps.
+
+        SQLite's own busy handler sleeps 1, 2, 5, 10... ms between tries; several server
+        processes sharing one database (`workers`) hold the write lock for well under a
+        millisecond, so polling every 100 us keeps their commits close together.
+        """
+        deadline = time.monotonic() + self._busy_ms / 1000
+        pause = 0.0001
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 1.5, 0.002)
+
     def _run_batch(self, conn: Conn, batch: list[_Request]) -> None:
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            self._begin(conn)
         except sqlite3.Error as exc:
             self._fail_all(conn, batch, exc)
+            return
+        if len(batch) == 1:  # alone in its transaction: no savepoint needed to isolate it
+            self._run_alone(conn, batch[0])
             return
         results: list[tuple[_Request, Any, BaseException | None]] = []
         for request in batch:
@@ -183,6 +208,23 @@ class _Writer(threading.Thread):
         self.commits += 1
         for request, value, error in results:
             self._resolve(request, value, error)
+
+    def _run_alone(self, conn: Conn, request: _Request) -> None:
+        """One request as the whole transaction (BEGIN IMMEDIATE is already done)."""
+        try:
+            value = request.fn(conn)
+        except Exception as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self._resolve(request, None, _translate(exc))
+            return
+        try:
+            conn.execute("COMMIT")  # with synchronous=FULL this returns after the fsync
+        except sqlite3.Error as exc:
+            self._fail_all(conn, [request], exc)
+            return
+        self.commits += 1
+        self._resolve(request, value, None)
 
     @staticmethod
     def _undo_request(conn: Conn) -> bool:
@@ -258,11 +300,7 @@ class _Readers:
             with self._lock:
                 self._conns.append(conn)
         try:
-            conn.execute("BEGIN")
-            try:
-                return fn(conn)
-            finally:
-                conn.execute("ROLLBACK")
+            return fn(conn)  # one statement: its own implicit read transaction
         except sqlite3.OperationalError:
             return await self.run(fn)
         except Exception as exc:
@@ -460,15 +498,12 @@ def _mailbox_id(c: Conn, address: str, folder: str) -> int:
 
 
 def _deliver(c: Conn, letter: Letter, now: datetime) -> Accepted:
-    boxes = [_mailbox_id(c, normalize_address(t.address), t.folder) for t in letter.targets]
     outbound = cm.unique_addresses(letter.outbound)
-    if not boxes and not outbound:
+    if not letter.targets and not outbound:
         return Accepted(message_ids=(), queue_id=None)
     body_id = _insert_body(c, body_parts(letter.body))
-    ids = tuple(
-        _insert_copy(c, box, body_id, target, letter, now)
-        for box, target in zip(boxes, letter.targets, strict=True)
-    )
+    # A missing target raises NotFound; the caller's transaction (or savepoint) undoes the rest.
+    ids = tuple(_insert_copy(c, body_id, target, letter, now) for target in letter.targets)
     queue_id = None
     if outbound:
         queue_id = _enqueue(c, body_id, normalize_address(letter.sender), outbound, now)
@@ -490,23 +525,27 @@ def _insert_body(c: Conn, parts: tuple[bytes, ...]) -> int:
     return body_id
 
 
-def _insert_copy(
-    c: Conn, box: int, body_id: int, target: Target, letter: Letter, now: datetime
-) -> int:
-    # RFC 3501 §2.3.1.1: the next UID is uidnext, never reused; RFC 7162 §3.1: new modseq
+def _insert_copy(c: Conn, body_id: int, target: Target, letter: Letter, now: datetime) -> int:
+    # RFC 3501 §2.3.1.1: the next UID is uidnext, never reused; RFC 7162 §3.1: new modseq.
+    # One statement finds the mailbox and takes its next UID (fewer round trips per letter).
+    address = normalize_address(target.address)
     row = _one(
         c,
         "UPDATE mailboxes SET uidnext = uidnext + 1, highestmodseq = highestmodseq + 1"
-        " WHERE id = ? RETURNING uidnext - 1, highestmodseq",
-        (box,),
+        " WHERE id = (SELECT b.id FROM mailboxes b JOIN users u ON u.id = b.user_id"
+        " WHERE u.address = ? AND b.name = ?) RETURNING id, uidnext - 1, highestmodseq",
+        (address, cm.folder_name(target.folder)),
     )
-    assert row is not None
+    if row is None:
+        _user_id(c, address)
+        raise NotFound(f"no mailbox {target.folder!r} for {address}")
+    box, uid, modseq = row[0], row[1], row[2]
     s = letter.summary
     rp = None if target.return_path is None else normalize_address(target.return_path)
     cur = c.execute(
         "INSERT INTO messages (mailbox_id, uid, body_id, return_path, modseq, received_at,"
         " from_, to_, subject, date, message_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (box, row[0], body_id, rp, row[1], cm.to_us(now), s.from_, s.to, s.subject, s.date,
+        (box, uid, body_id, rp, modseq, cm.to_us(now), s.from_, s.to, s.subject, s.date,
          s.message_id),
     )  # fmt: skip
     return int(cur.lastrowid or 0)
@@ -782,7 +821,8 @@ class SqliteStore:
         return await self._readers.run(fn)
 
     async def _lookup(self, fn: Callable[[Conn], T]) -> T:
-        """A point lookup on one indexed row (the per-RCPT checks): no thread hop."""
+        """A point lookup on one indexed row by ONE statement (the per-RCPT checks): no thread
+        hop and no BEGIN/ROLLBACK around it."""
         if self._readers is None:
             raise StoreUnavailable("the store is not open")
         return await self._readers.run_here(fn)
