@@ -1,38 +1,154 @@
-"""The one asyncio adapter between sockets and the sans-IO core. Imports `smtp` and `log`.
+"""The one asyncio adapter between sockets and the sans-IO core. Imports `tls` and `log`.
 
-`Stream` wraps an asyncio StreamReader/StreamWriter pair: reads with a timeout, buffered writes
-flushed once per batch of replies (so pipelined replies go out together, RFC 2920 §3), STARTTLS
-on the same socket, and the wire transcript at TRACE level (AUTH lines redacted).
+`Stream` is a byte stream over an asyncio transport and a small Protocol of ours (`_Pipe`):
+reads with an optional timeout, buffered writes flushed once per batch of replies (so pipelined
+replies go out together, RFC 2920 §3), STARTTLS on the same socket, and the wire transcript at
+TRACE level (AUTH lines redacted). It is lighter than asyncio's StreamReader/StreamWriter (no
+copy of every read through a bytearray), and it knows what it holds: STARTTLS refuses to start
+while plaintext that arrived after the command is still buffered (CVE-2011-0411 class).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import re
 import ssl
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
 
 from pochta import tls as tlsmod
 from pochta.log import TRACE
 
 log = logging.getLogger(__name__)
 READ_SIZE = 256 * 1024
+BUFFER_LIMIT = 1 << 20  # unread bytes before we stop reading from the socket (back-pressure)
 _BASE64_LINE = re.compile(r"[A-Za-z0-9+/=]{4,}")
+
+
+class PlaintextAfterStartTLS(ConnectionError):
+    """Bytes arrived after STARTTLS and before the handshake: never to be read as if over TLS."""
+
+
+class _Pipe(asyncio.Protocol):
+    """Receives bytes for one Stream; wakes the reader; relays write back-pressure."""
+
+    def __init__(
+        self,
+        on_connect: Callable[[Stream], Coroutine[Any, Any, None]] | None = None,
+        label: str = "",
+    ) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.size = 0
+        self.eof = False
+        self.error: BaseException | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.drain_waiter: asyncio.Future[None] | None = None
+        self.paused_reading = False
+        self.paused_writing = False
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._on_connect = on_connect
+        self._label = label
+        self.task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses; they have the same methods
+        self.transport = cast(asyncio.Transport, transport)
+        if self._on_connect is not None:  # a server connection: run its handler as a task
+            stream = Stream(self.transport, self, label=self._label)
+            self.task = asyncio.get_running_loop().create_task(self._on_connect(stream))
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+        if self.size > BUFFER_LIMIT and not self.paused_reading and self.transport is not None:
+            self.paused_reading = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        self.eof = True
+        self._wake()
+        return None  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        self.error = exc
+        self._wake()
+        if self.drain_waiter is not None and not self.drain_waiter.done():
+            self.drain_waiter.set_result(None)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.paused_writing = True
+
+    def resume_writing(self) -> None:
+        self.paused_writing = False
+        if self.drain_waiter is not None and not self.drain_waiter.done():
+            self.drain_waiter.set_result(None)
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def take(self) -> bytes:
+        data = self.chunks.popleft() if len(self.chunks) == 1 else b"".join(self.chunks)
+        self.chunks.clear()
+        self.size = 0
+        if self.paused_reading and self.transport is not None:
+            self.paused_reading = False
+            self.transport.resume_reading()
+        return data
+
+
+async def open_stream(
+    host: str,
+    port: int,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    local_address: str | None = None,
+    label: str = "client",
+) -> Stream:
+    """Connect (with implicit TLS when `ssl_context` is given); raises OSError or ssl.SSLError."""
+    loop = asyncio.get_running_loop()
+    transport, pipe = await loop.create_connection(
+        lambda: _Pipe(label=label),
+        host,
+        port,
+        ssl=ssl_context,
+        server_hostname=server_hostname if ssl_context else None,
+        local_addr=(local_address, 0) if local_address else None,
+    )
+    return Stream(transport, pipe, label=label)
+
+
+async def serve_streams(
+    handler: Callable[[Stream], Coroutine[Any, Any, None]],
+    host: str,
+    port: int,
+    *,
+    label: str = "server",
+    **kwargs: Any,
+) -> asyncio.Server:
+    """`loop.create_server` whose every connection runs `handler(stream)` as a task."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: _Pipe(handler, label), host, port, **kwargs)
 
 
 class Stream:
     """A byte stream with timeouts; `peer` is (ip, port)."""
 
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, label: str = ""
-    ) -> None:
-        self.reader = reader
-        self.writer = writer
+    def __init__(self, transport: asyncio.Transport, pipe: _Pipe, *, label: str = "") -> None:
+        self.transport = transport
+        self.pipe = pipe
         self.label = label
-        peer = writer.get_extra_info("peername") or ("", 0)
+        peer = transport.get_extra_info("peername") or ("", 0)
         self.peer: tuple[str, int] = (str(peer[0]), int(peer[1]))
-        sock = writer.get_extra_info("sockname") or ("", 0)
+        sock = transport.get_extra_info("sockname") or ("", 0)
         self.local: tuple[str, int] = (str(sock[0]), int(sock[1]))
         self._out: list[bytes] = []
         self.trace = log.isEnabledFor(TRACE)
@@ -40,28 +156,39 @@ class Stream:
     @property
     def tls(self) -> str | None:
         """`TLS1.3 TLS_AES_...` once TLS is active, else None."""
-        obj = self.writer.get_extra_info("ssl_object")
-        return tlsmod.describe(obj)
+        return tlsmod.describe(self.transport.get_extra_info("ssl_object"))
 
     def peer_certificate(self) -> dict[str, Any] | None:
-        obj = self.writer.get_extra_info("ssl_object")
+        obj = self.transport.get_extra_info("ssl_object")
         return obj.getpeercert() if obj is not None else None
 
     async def read(self, timeout: float | None) -> bytes:
-        """Up to READ_SIZE bytes; b"" at EOF. `timeout=None` leaves the deadline to the caller
-        (the server's idle sweeper), which saves a timer per read on the hot path.
+        """What has arrived (at least one byte), b"" at EOF. `timeout=None` leaves the deadline
+        to the caller (the server's idle sweeper), which saves a timer per read on the hot path.
 
         Raises:
             TimeoutError: nothing arrived within `timeout` seconds.
+            ConnectionError: the connection was reset.
         """
-        if timeout is None:
-            data = await self.reader.read(READ_SIZE)
-        else:
-            async with asyncio.timeout(timeout):
-                data = await self.reader.read(READ_SIZE)
-        if self.trace and data:
-            self._trace("C" if self.label == "server" else "S", data)
-        return data
+        pipe = self.pipe
+        if not pipe.chunks and not pipe.eof:
+            pipe.waiter = asyncio.get_running_loop().create_future()
+            try:
+                if timeout is None:
+                    await pipe.waiter
+                else:
+                    async with asyncio.timeout(timeout):
+                        await pipe.waiter
+            finally:
+                pipe.waiter = None
+        if pipe.chunks:
+            data = pipe.take()
+            if self.trace:
+                self._trace("C" if self.label == "server" else "S", data)
+            return data
+        if isinstance(pipe.error, OSError):
+            raise pipe.error
+        return b""
 
     def write(self, data: bytes) -> None:
         """Queue bytes; they go out at the next `flush()`."""
@@ -71,14 +198,22 @@ class Stream:
                 self._trace("S" if self.label == "server" else "C", data)
 
     async def flush(self, timeout: float = 60.0) -> None:
+        """Hand the queued bytes to the socket; wait (at most `timeout`) only when the peer
+        does not read them and the write buffer is over its limit."""
         if self._out:
-            self.writer.write(b"".join(self._out) if len(self._out) > 1 else self._out[0])
+            if self.transport.is_closing():
+                self._out.clear()
+                raise ConnectionResetError("connection closed")
+            self.transport.write(b"".join(self._out) if len(self._out) > 1 else self._out[0])
             self._out.clear()
-        # Wait only when the kernel did not take everything (drain would block): no timer
-        # is armed for the usual case of a reply that went out at once.
-        if self.writer.transport.get_write_buffer_size() > 0:
-            async with asyncio.timeout(timeout):
-                await self.writer.drain()
+        pipe = self.pipe
+        if pipe.paused_writing and not self.transport.is_closing():
+            pipe.drain_waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await pipe.drain_waiter
+            finally:
+                pipe.drain_waiter = None
 
     async def start_tls(
         self,
@@ -87,12 +222,32 @@ class Stream:
         *,
         handshake_timeout: float | None = None,
     ) -> None:
-        """Upgrade the connection in place (RFC 3207); raises ssl.SSLError or OSError (also when
-        the handshake takes longer than `handshake_timeout` seconds; None: asyncio's 60 s)."""
+        """Upgrade the connection in place (RFC 3207).
+
+        Raises:
+            PlaintextAfterStartTLS: bytes arrived after the STARTTLS exchange and are still
+                unread; they must never be taken as if they had come over TLS.
+            ssl.SSLError, OSError, TimeoutError: the handshake failed or took longer than
+                `handshake_timeout` seconds (None: asyncio's 60 s).
+        """
         await self.flush()
-        await self.writer.start_tls(
-            context, server_hostname=server_hostname, ssl_handshake_timeout=handshake_timeout
+        if self.pipe.chunks:
+            self.pipe.chunks.clear()
+            raise PlaintextAfterStartTLS("plaintext received after STARTTLS")
+        loop = asyncio.get_running_loop()
+        server_side = self.label == "server"
+        new = await loop.start_tls(
+            self.transport,
+            self.pipe,
+            context,
+            server_side=server_side,
+            server_hostname=None if server_side else server_hostname,
+            ssl_handshake_timeout=handshake_timeout,
         )
+        if new is None:
+            raise ConnectionResetError("connection closed during the TLS handshake")
+        self.transport = new
+        self.pipe.transport = self.transport
 
     async def close(self) -> None:
         try:
@@ -100,12 +255,12 @@ class Stream:
                 await self.flush(timeout=5.0)
         except (OSError, TimeoutError):
             pass
-        self.writer.close()
+        self.transport.close()
         try:
             async with asyncio.timeout(5.0):
-                await self.writer.wait_closed()
+                await asyncio.shield(self.pipe.closed)
         except (OSError, TimeoutError, ssl.SSLError):
-            pass
+            self.transport.abort()
 
     def _trace(self, who: str, data: bytes) -> None:
         for line in data.split(b"\r\n")[:20]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pochta import smtp
 from pochta.auth.scram import ScramClient
 from pochta.smtp import Reply
-from pochta.transport import Stream
+from pochta.transport import Stream, open_stream
 
 NO_REPLY = Reply(0, "", "no reply")
 
@@ -97,15 +97,14 @@ class SmtpClient:
         """
         timeouts = timeouts or Timeouts()
         async with asyncio.timeout(timeouts.connect):
-            reader, writer = await asyncio.open_connection(
+            stream = await open_stream(
                 host,
                 port,
-                ssl=implicit_tls,
-                server_hostname=(server_hostname or host) if implicit_tls else None,
-                local_addr=(local_address, 0) if local_address else None,
-                limit=2**20,
+                ssl_context=implicit_tls,
+                server_hostname=server_hostname or host,
+                local_address=local_address,
             )
-        client = cls(Stream(reader, writer, label="client"), timeouts, helo_name)
+        client = cls(stream, timeouts, helo_name)
         if implicit_tls is not None:
             client.tls_verified = implicit_tls.verify_mode != ssl.CERT_NONE
         try:

@@ -25,7 +25,7 @@ from pochta import smtp
 from pochta.server.session import SUBMISSIONS, ServerContext, Session
 from pochta.smtp import Reply
 from pochta.smtp import replies as R
-from pochta.transport import Stream
+from pochta.transport import PlaintextAfterStartTLS, Stream, serve_streams
 
 log = logging.getLogger(__name__)
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
@@ -73,10 +73,10 @@ class SmtpServer:
         if kind == SUBMISSIONS and implicit is None:
             raise OSError(f"{kind} needs a TLS certificate")
 
-        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await self._accept(kind, reader, writer)
+        async def accept(stream: Stream) -> None:
+            await self._accept(kind, stream)
 
-        server = await asyncio.start_server(
+        server = await serve_streams(
             accept,
             host,
             port,
@@ -101,10 +101,7 @@ class SmtpServer:
     def bound(self) -> list[tuple[str, int]]:
         return [s.getsockname()[:2] for srv in self._servers for s in srv.sockets]
 
-    async def _accept(
-        self, kind: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        stream = Stream(reader, writer, label="server")
+    async def _accept(self, kind: str, stream: Stream) -> None:
         ip = stream.peer[0]
         conn_id = f"{self._prefix}.{next(self._ids)}"
         if self.stopping or len(self._active) >= self.limits.connections:
@@ -248,6 +245,14 @@ class SmtpServer:
         assert self.tls_context is not None
         try:
             await stream.start_tls(self.tls_context, handshake_timeout=self.handshake_timeout)
+        except PlaintextAfterStartTLS:  # RFC 3207 §4.2, CVE-2011-0411: never run those bytes
+            maillog.event(
+                "rejected",
+                conn=session.conn_id,
+                ip=session.peer_ip,
+                reason="plaintext after STARTTLS",
+            )
+            return None
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             log.info("conn=%s TLS handshake failed: %r", session.conn_id, exc)
             return None

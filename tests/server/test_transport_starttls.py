@@ -1,0 +1,106 @@
+"""Plaintext that arrives after STARTTLS and before the handshake is never read as if it had
+come over TLS (RFC 3207 §4.2, the CVE-2011-0411 class), even when it came in a later packet than
+the STARTTLS line (so the SMTP core never saw it)."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from pathlib import Path
+
+import pytest
+
+from pochta import tls as tlsmod
+from pochta.transport import PlaintextAfterStartTLS, Stream, open_stream, serve_streams
+
+
+async def test_plaintext_buffered_before_the_handshake_is_refused(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    tlsmod.ensure_self_signed(cert, key, "mx.test")
+    context = tlsmod.server_context(cert, key)
+    outcome: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+
+    async def handler(stream: Stream) -> None:
+        assert await stream.read(5.0) == b"STARTTLS\r\n"
+        stream.write(b"220 2.0.0 Ready to start TLS\r\n")
+        await stream.flush()
+        await asyncio.sleep(0.3)  # the injected line arrives meanwhile, in its own packet
+        try:
+            await stream.start_tls(context, handshake_timeout=2.0)
+        except BaseException as exc:
+            outcome.set_result(exc)
+        else:
+            outcome.set_result(None)
+        await stream.close()
+
+    server = await serve_streams(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = await open_stream("127.0.0.1", port)
+    client.write(b"STARTTLS\r\n")
+    await client.flush()
+    assert (await client.read(5.0)).startswith(b"220")
+    client.write(b"MAIL FROM:<injected@evil.test>\r\n")
+    await client.flush()
+    result = await asyncio.wait_for(outcome, 5.0)
+    assert isinstance(result, PlaintextAfterStartTLS)
+    assert await client.read(5.0) == b""  # the server closed instead of starting TLS
+    await client.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_starttls_without_pending_bytes_upgrades(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    tlsmod.ensure_self_signed(cert, key, "mx.test")
+    context = tlsmod.server_context(cert, key)
+
+    async def handler(stream: Stream) -> None:
+        assert await stream.read(5.0) == b"STARTTLS\r\n"
+        stream.write(b"220 go\r\n")
+        await stream.start_tls(context, handshake_timeout=5.0)
+        stream.write(b"secret " + (stream.tls or "").encode() + b"\r\n")
+        await stream.flush()
+        await stream.close()
+
+    server = await serve_streams(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = await open_stream("127.0.0.1", port)
+    client.write(b"STARTTLS\r\n")
+    await client.flush()
+    assert await client.read(5.0) == b"220 go\r\n"
+    verify = ssl.create_default_context(cafile=str(cert))
+    await client.start_tls(verify, server_hostname="mx.test")
+    line = await client.read(5.0)
+    assert line.startswith(b"secret TLS1.")
+    assert client.tls is not None
+    await client.close()
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.mark.parametrize("size", [1, 3 << 20])
+async def test_reads_return_everything_in_order(size: int) -> None:
+    """Back-pressure (reading paused past 1 MiB) loses and reorders nothing."""
+    payload = bytes(range(256)) * (size // 256 + 1)
+    payload = payload[:size]
+    got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def handler(stream: Stream) -> None:
+        data = b""
+        while len(data) < size:
+            await asyncio.sleep(0.01)  # a slow reader: the sender fills the buffer
+            chunk = await stream.read(5.0)
+            assert chunk
+            data += chunk
+        got.set_result(data)
+        await stream.close()
+
+    server = await serve_streams(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = await open_stream("127.0.0.1", port)
+    client.write(payload)
+    await client.flush()
+    assert await asyncio.wait_for(got, 10.0) == payload
+    await client.close()
+    server.close()
+    await server.wait_closed()
