@@ -71,7 +71,10 @@ class _Pipe(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         self.eof = True
         self._wake()
-        return None  # close the transport
+        # Keep a plain TCP connection open for our last replies (a client may half-close after
+        # QUIT); a TLS transport cannot stay half-open.
+        over_tls = self.transport is not None and self.transport.get_extra_info("sslcontext")
+        return not over_tls
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = True

@@ -104,3 +104,25 @@ async def test_reads_return_everything_in_order(size: int) -> None:
     await client.close()
     server.close()
     await server.wait_closed()
+
+
+async def test_a_half_closed_client_still_gets_the_last_reply() -> None:
+    """A client that sends QUIT and shuts down its side still receives our 221."""
+
+    async def handler(stream: Stream) -> None:
+        assert await stream.read(5.0) == b"QUIT\r\n"
+        assert await stream.read(5.0) == b""  # the client's EOF
+        stream.write(b"221 2.0.0 Bye\r\n")
+        await stream.flush()
+        await stream.close()
+
+    server = await serve_streams(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"QUIT\r\n")
+    await writer.drain()
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(100), 5.0) == b"221 2.0.0 Bye\r\n"
+    writer.close()
+    server.close()
+    await server.wait_closed()
