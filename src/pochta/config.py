@@ -105,7 +105,7 @@ class Submission:
 class Delivery:
     port: int = 25
     workers: int = 20  # concurrent outbound deliveries
-    per_destination: int = 1  # connections at once to one destination domain
+    per_destination: int = 5  # connections at once to one destination domain
     poll: float = 5.0  # seconds between queue scans when idle
     lease: float = 600.0  # a claim expires after this; another worker may then take it
     require_tls: bool = False
