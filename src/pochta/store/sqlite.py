@@ -2,10 +2,12 @@
 
 Durability and concurrency:
 - WAL journal, `synchronous=FULL` (every COMMIT fsyncs the WAL), foreign keys on, busy timeout.
-- Every write goes through ONE writer thread doing group commit: it takes all queued write
-  requests, runs each in its own SAVEPOINT inside one `BEGIN IMMEDIATE ... COMMIT` (a failing
-  request rolls back to its savepoint and gets its exception, the others still commit) and
-  resolves the callers' futures only after COMMIT returned. `commits` counts those COMMITs.
+- Every write goes through ONE writer connection doing group commit (`_Writer`): it takes all
+  queued write requests, runs each in its own SAVEPOINT inside one `BEGIN IMMEDIATE ... COMMIT`
+  (a failing request rolls back to its savepoint and gets its exception, the others still
+  commit) and resolves the callers' futures only after COMMIT returned. The statements of a
+  batch run on the event loop thread, the fsyncing COMMIT on a commit thread (large letters
+  entirely there). `commits` counts those COMMITs.
 - Reads run on a small pool of read-only connections in their own threads, one snapshot
   (BEGIN ... ROLLBACK) per call; the event loop never blocks on SQLite.
 - Numbered migrations `migrations/sqlite/NNNN_*.sql` are applied in order at `open()` and
@@ -19,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import queue
 import sqlite3
 import threading
 import time
@@ -58,6 +59,7 @@ T = TypeVar("T")
 Conn = sqlite3.Connection
 BUSY_TIMEOUT_MS = 5000
 MAX_BATCH = 500  # write requests per group commit
+HEAVY_BODY = 256 * 1024  # letters larger than this are written off the event loop
 INLINE_BUSY_MS = 50  # the event loop's own read connection never waits longer
 
 
@@ -96,99 +98,99 @@ def _settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> 
         fut.set_result(value)
 
 
-# -- the writer thread (group commit) -----------------------------------------------------------
+# -- the writer (group commit) ------------------------------------------------------------------
 
 
 @dataclass
 class _Request:
     fn: Callable[[Conn], Any]
-    loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
+    heavy: bool = False  # large: run its statements off the event loop too
 
 
-class _Writer(threading.Thread):
+_Result = tuple[_Request, Any, BaseException | None]
+
+
+class _Writer:
+    """Group commit on ONE connection, driven from the event loop.
+
+    Write requests queue up while a batch is being committed; then the next batch takes them
+    all. A batch's statements run on the event loop thread (small indexed writes take
+    microseconds, and running them there avoids a GIL hand-off per statement with a writer
+    thread, which under load cost milliseconds per letter); its COMMIT, which fsyncs, runs on
+    the commit thread, so the loop keeps serving connections meanwhile. A batch with a heavy
+    request (a large letter) runs entirely on the commit thread. Callers' futures are resolved
+    only after COMMIT returned. Several processes sharing the database (`workers`) take the
+    write lock in turn: BEGIN IMMEDIATE is retried every few hundred microseconds, never
+    blocking the loop.
+    """
+
     def __init__(self, path: str, busy_ms: int) -> None:
-        super().__init__(name="pochta-sqlite-writer", daemon=True)
-        self._path = path
+        self._conn = _connect(path, 0)
         self._busy_ms = busy_ms
-        self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
-        self._broken: BaseException | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pochta-sqlite-commit")
+        self._pending: list[_Request] = []
+        self._busy = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._lock_since = 0.0
         self.commits = 0
 
     def submit(self, request: _Request) -> None:
-        self._queue.put(request)
+        self._pending.append(request)
+        if not self._busy:
+            self._busy = True
+            self._idle.clear()
+            asyncio.get_running_loop().call_soon(self._start)
 
-    def stop(self) -> None:
-        self._queue.put(None)
-
-    def run(self) -> None:
+    def _start(self) -> None:
+        batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+        if not batch:
+            self._finish()
+            return
+        loop = asyncio.get_running_loop()
+        if any(r.heavy for r in batch):
+            future = loop.run_in_executor(self._thread, self._run_all, batch)
+            future.add_done_callback(lambda f: self._settle(batch, f))
+            return
         try:
-            conn: Conn | None = _connect(self._path, 0)  # _begin() does the waiting
-        except sqlite3.Error as exc:
-            conn, self._broken = None, exc  # every request fails instead of hanging
-        try:
-            stopping = False
-            while not stopping:
-                batch, stopping = self._next_batch()
-                if conn is None:
-                    self._fail_all(None, batch, self._broken)
-                    continue
-                try:
-                    self._run_batch(conn, batch)
-                except BaseException as exc:  # never leave a caller waiting forever
-                    self._fail_all(conn, batch, exc)
-        finally:
-            if conn is not None:
-                conn.close()
-
-    def _next_batch(self) -> tuple[list[_Request], bool]:
-        """Block for one request, then take whatever else is waiting; True when stopping."""
-        batch: list[_Request] = []
-        first = self._queue.get()
-        if first is None:
-            return batch, True
-        batch.append(first)
-        while len(batch) < MAX_BATCH:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is None:
-                return batch, True
-            batch.append(item)
-        return batch, False
-
-    def _begin(self, conn: Conn) -> None:
-        """BEGIN IMMEDIATE, waiting for another process's writer in short steps.
-
-        SQLite's own busy handler sleeps 1, 2, 5, 10... ms between tries; several server
-        processes sharing one database (`workers`) hold the write lock for well under a
-        millisecond, so polling every 100 us keeps their commits close together.
-        """
-        deadline = time.monotonic() + self._busy_ms / 1000
-        pause = 0.0001
-        while True:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc) and self._retry_later(loop):  # another process holds the lock
+                self._pending[:0] = batch
                 return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise
-                if time.monotonic() > deadline:
-                    raise
-            time.sleep(pause)
-            pause = min(pause * 1.5, 0.002)
+            self._fail(batch, exc)
+            self._next()
+            return
+        self._lock_since = 0.0
+        results = self._execute(batch)
+        if results is None:
+            self._next()
+            return
+        committed = loop.run_in_executor(self._thread, self._commit)
+        committed.add_done_callback(lambda f: self._settle_commit(results, f))
 
-    def _run_batch(self, conn: Conn, batch: list[_Request]) -> None:
-        try:
-            self._begin(conn)
-        except sqlite3.Error as exc:
-            self._fail_all(conn, batch, exc)
-            return
+    def _retry_later(self, loop: asyncio.AbstractEventLoop) -> bool:
+        now = time.monotonic()
+        self._lock_since = self._lock_since or now
+        if now - self._lock_since > self._busy_ms / 1000:
+            self._lock_since = 0.0
+            return False
+        loop.call_later(0.0003, self._start)
+        return True
+
+    def _execute(self, batch: list[_Request]) -> list[_Result] | None:
+        """Run the batch's statements inside the open transaction; None if it had to be
+        rolled back as a whole (every request then failed)."""
+        conn = self._conn
         if len(batch) == 1:  # alone in its transaction: no savepoint needed to isolate it
-            self._run_alone(conn, batch[0])
-            return
-        results: list[tuple[_Request, Any, BaseException | None]] = []
+            try:
+                return [(batch[0], batch[0].fn(conn), None)]
+            except Exception as exc:
+                self._rollback()
+                _settle(batch[0].future, None, _translate(exc))
+                return None
+        results: list[_Result] = []
         for request in batch:
             try:
                 conn.execute("SAVEPOINT request")
@@ -196,59 +198,118 @@ class _Writer(threading.Thread):
                 conn.execute("RELEASE request")
                 results.append((request, value, None))
             except Exception as exc:
-                if not self._undo_request(conn):
-                    self._fail_all(conn, batch, exc)
-                    return
+                if not _undo_request(conn):
+                    self._rollback()
+                    self._fail(batch, exc)
+                    return None
                 results.append((request, None, _translate(exc)))
-        try:
-            conn.execute("COMMIT")  # with synchronous=FULL this returns after the fsync
-        except sqlite3.Error as exc:
-            self._fail_all(conn, batch, exc)
-            return
-        self.commits += 1
-        for request, value, error in results:
-            self._resolve(request, value, error)
+        return results
 
-    def _run_alone(self, conn: Conn, request: _Request) -> None:
-        """One request as the whole transaction (BEGIN IMMEDIATE is already done)."""
+    def _commit(self) -> None:
+        """On the commit thread: with synchronous=FULL, COMMIT returns after the fsync."""
         try:
-            value = request.fn(conn)
-        except Exception as exc:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            self._resolve(request, None, _translate(exc))
-            return
-        try:
-            conn.execute("COMMIT")  # with synchronous=FULL this returns after the fsync
-        except sqlite3.Error as exc:
-            self._fail_all(conn, [request], exc)
-            return
-        self.commits += 1
-        self._resolve(request, value, None)
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
 
-    @staticmethod
-    def _undo_request(conn: Conn) -> bool:
-        try:
-            conn.execute("ROLLBACK TO request")
-            conn.execute("RELEASE request")
-            return True
-        except sqlite3.Error:
-            return False
+    def _run_all(self, batch: list[_Request]) -> list[_Result] | None:
+        """On the commit thread: a whole batch with a heavy request."""
+        deadline = time.monotonic() + self._busy_ms / 1000
+        while True:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.0003)
+        results = self._execute_threaded(batch)
+        if results is not None:
+            self._commit()
+        return results
 
-    def _fail_all(
-        self, conn: Conn | None, batch: list[_Request], exc: BaseException | None
-    ) -> None:
-        """The transaction as a whole failed: nothing of the batch was committed."""
-        if conn is not None and conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
+    def _execute_threaded(self, batch: list[_Request]) -> list[_Result] | None:
+        outcome: list[_Result] = []
         for request in batch:
-            self._resolve(request, None, StoreUnavailable(f"sqlite transaction failed: {exc}"))
+            try:
+                self._conn.execute("SAVEPOINT request")
+                value = request.fn(self._conn)
+                self._conn.execute("RELEASE request")
+                outcome.append((request, value, None))
+            except Exception as exc:
+                if not _undo_request(self._conn):
+                    self._rollback()
+                    raise
+                outcome.append((request, None, _translate(exc)))
+        return outcome
+
+    def _settle(self, batch: list[_Request], future: asyncio.Future[list[_Result] | None]) -> None:
+        exc = future.exception()
+        if exc is not None:
+            self._fail(batch, exc)
+        else:
+            results = future.result()
+            if results is not None:
+                self.commits += 1
+                self._resolve(results)
+        self._next()
+
+    def _settle_commit(self, results: list[_Result], future: asyncio.Future[None]) -> None:
+        exc = future.exception()
+        if exc is not None:
+            self._fail([r for r, _, _ in results], exc)
+        else:
+            self.commits += 1
+            self._resolve(results)
+        self._next()
 
     @staticmethod
-    def _resolve(request: _Request, value: Any, error: BaseException | None) -> None:
-        with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody waits
-            request.loop.call_soon_threadsafe(_settle, request.future, value, error)
+    def _resolve(results: list[_Result]) -> None:
+        for request, value, error in results:
+            _settle(request.future, value, error)
+
+    def _next(self) -> None:
+        if self._pending:
+            asyncio.get_running_loop().call_soon(self._start)
+        else:
+            self._finish()
+
+    def _finish(self) -> None:
+        self._busy = False
+        self._idle.set()
+
+    def _rollback(self) -> None:
+        if self._conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
+
+    @staticmethod
+    def _fail(batch: list[_Request], exc: BaseException | None) -> None:
+        """The transaction as a whole failed: nothing of the batch was committed."""
+        for request in batch:
+            _settle(request.future, None, StoreUnavailable(f"sqlite transaction failed: {exc}"))
+
+    async def close(self) -> None:
+        """Let queued requests commit, then close the connection."""
+        while self._busy or self._pending:
+            await self._idle.wait()
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._conn.close)
+        self._thread.shutdown(wait=True)
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc)
+    return "locked" in text or "busy" in text
+
+
+def _undo_request(conn: Conn) -> bool:
+    try:
+        conn.execute("ROLLBACK TO request")
+        conn.execute("RELEASE request")
+        return True
+    except sqlite3.Error:
+        return False
 
 
 # -- read connections ---------------------------------------------------------------------------
@@ -807,12 +868,11 @@ class SqliteStore:
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    async def _write(self, fn: Callable[[Conn], T]) -> T:
+    async def _write(self, fn: Callable[[Conn], T], *, heavy: bool = False) -> T:
         if self._writer is None:
             raise StoreUnavailable("the store is not open")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._writer.submit(_Request(fn=fn, loop=loop, future=future))
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._writer.submit(_Request(fn=fn, future=future, heavy=heavy))
         return await future
 
     async def _read(self, fn: Callable[[Conn], T]) -> T:
@@ -838,16 +898,17 @@ class SqliteStore:
             await asyncio.to_thread(_migrate, self.path, self._busy_ms)
         except (sqlite3.Error, OSError) as exc:
             raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
-        self._writer = _Writer(self.path, self._busy_ms)
-        self._writer.start()
+        try:
+            self._writer = _Writer(self.path, self._busy_ms)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
         self._readers = _Readers(self.path, self._reader_count, self._busy_ms)
 
     async def close(self) -> None:
         writer, readers = self._writer, self._readers
         self._writer = self._readers = None
         if writer is not None:
-            writer.stop()  # queued requests before the stop still commit
-            await asyncio.to_thread(writer.join)
+            await writer.close()  # queued requests still commit
         if readers is not None:
             await asyncio.to_thread(readers.close)
 
@@ -938,7 +999,8 @@ class SqliteStore:
 
     async def deliver(self, letter: Letter) -> Accepted:
         now = cm.utcnow()
-        return await self._write(lambda c: _deliver(c, letter, now))
+        heavy = sum(map(len, body_parts(letter.body))) > HEAVY_BODY
+        return await self._write(lambda c: _deliver(c, letter, now), heavy=heavy)
 
     async def delete_message(self, message_id: int) -> None:
         """Expunge one message (its UID is never handed out again). Not in the api.py Protocol."""
