@@ -161,10 +161,6 @@ class Stream:
         """`TLS1.3 TLS_AES_...` once TLS is active, else None."""
         return tlsmod.describe(self.transport.get_extra_info("ssl_object"))
 
-    def peer_certificate(self) -> dict[str, Any] | None:
-        obj = self.transport.get_extra_info("ssl_object")
-        return obj.getpeercert() if obj is not None else None
-
     async def read(self, timeout: float | None) -> bytes:
         """What has arrived (at least one byte), b"" at EOF. `timeout=None` leaves the deadline
         to the caller (the server's idle sweeper), which saves a timer per read on the hot path.

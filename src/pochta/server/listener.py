@@ -177,9 +177,7 @@ class SmtpServer:
                 return
             if isinstance(event, (smtp.Turned, smtp.Reply)):
                 return
-            state.busy = True
             reply = await session.handle(conn, event)
-            state.busy = False
             stream.write(conn.send(reply))
             if conn.state is smtp.State.TLS_PENDING:
                 upgraded = await self._start_tls(stream, conn, session)
@@ -296,7 +294,6 @@ class _Conn:
     session: Session
     watched: bool = False  # registered with the idle sweeper
     idle: bool = False
-    busy: bool = False
     deadline: float = 0.0  # loop time after which an idle read times out
     timed_out: bool = False
 
