@@ -45,7 +45,12 @@ class _Formatter(logging.Formatter):
 def clean(value: object, limit: int = 120) -> str:
     """A peer string made safe for one log line: printable ASCII, quoted when needed, bounded."""
     text = str(value)
-    out = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else f"\\x{ord(c):02x}" for c in text)
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        out = text  # the usual case, checked at C speed
+    else:
+        out = "".join(
+            c if 32 <= ord(c) < 127 and c not in '"\\' else f"\\x{ord(c):02x}" for c in text
+        )
     if len(out) > limit:
         out = out[:limit] + "..."
     return f'"{out}"' if (" " in out or not out) else out
