@@ -104,6 +104,10 @@ class NodeProcess:
             f'hostname = "{self.hostname}"\ndata_dir = "var"\n\n[listen]\n{listen}\n\n'
             f"{self.extra_toml}\n"
         )
+        if "[dns]" not in self.extra_toml:
+            # A test node never asks the machine's resolver (which may be off this host): a
+            # loopback port where nothing answers makes every lookup fail fast and locally.
+            text += '\n[dns]\nnameservers = ["127.0.0.1:9"]\ntimeout = 1\n'
         self.config.write_text(text)
 
     def command(self, *args: str) -> list[str]:
