@@ -1,0 +1,52 @@
+"""`workers = 2`: two server processes share the listening port (SO_REUSEPORT) and one SQLite
+database; every letter is stored exactly once with its own UID, and SIGTERM stops them all."""
+
+from __future__ import annotations
+
+import smtplib
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from pochta.store.api import MailStore
+
+LETTERS = 120
+
+
+def _send(host: str, port: int, first: int, count: int) -> list[int]:
+    accepted = []
+    for n in range(first, first + count):
+        with smtplib.SMTP(host, port, local_hostname="c.test", timeout=30) as smtp:
+            body = f"Subject: worker-{n}\r\nMessage-ID: <w{n}@c.test>\r\n\r\nletter {n}\r\n"
+            smtp.sendmail("s@outside.test", ["alice@mail.test"], body.encode())
+            accepted.append(n)
+    return accepted
+
+
+def test_two_processes_share_the_port_and_the_store(node_factory: Any, store_query: Any) -> None:
+    node = node_factory(start=False, domains=["mail.test"], users={"alice@mail.test": "pw-a1"})
+    node.config.write_text("workers = 2\n" + node.config.read_text())  # a top-level key
+    node.start()
+    children = subprocess.run(
+        ["pgrep", "-P", str(node.proc.pid)], capture_output=True, text=True
+    ).stdout.split()
+    assert len(children) == 2  # two serving processes under the parent
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        batches = pool.map(
+            lambda i: _send(node.host, node.ports["mx"], i * 15, 15), range(LETTERS // 15)
+        )
+        accepted = sorted(n for batch in batches for n in batch)
+    assert accepted == list(range(LETTERS))
+
+    async def inbox(store: MailStore) -> list[tuple[int, str]]:
+        return [(m.uid, m.subject) for m in await store.list_messages("alice@mail.test")]
+
+    stored = store_query(node, inbox)
+    assert sorted(s for _, s in stored) == sorted(f"worker-{n}" for n in range(LETTERS))
+    uids = [uid for uid, _ in stored]
+    assert len(set(uids)) == LETTERS  # no UID given twice by the two processes
+
+    assert node.stop() == 0
+    left = subprocess.run(["pgrep", "-f", str(node.config)], capture_output=True, text=True)
+    assert left.stdout.strip() == ""
