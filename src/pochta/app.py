@@ -16,6 +16,7 @@ import resource
 import secrets
 import signal
 import ssl
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -265,19 +266,28 @@ def raise_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def serve_processes(cfg: Config) -> None:
+STARTUP_GRACE = 10.0  # a worker that dies sooner than this after its start stops the node
+
+
+def serve_processes(cfg: Config) -> int:
     """Run the node in `cfg.workers` processes sharing the listening ports (SO_REUSEPORT), so
-    every core works; the parent forwards SIGINT/SIGTERM and waits for its children."""
+    every core works. The parent forwards SIGINT/SIGTERM and supervises: a worker that fails
+    while starting stops the whole node (exit status 1: a configuration or environment fault
+    that another try would repeat); a worker that dies later is logged and started again."""
     raise_file_limit()
     if cfg.workers <= 1:
         run(serve(cfg))
-        return
+        return 0
     load_tls(cfg)  # make the self-signed certificate once, before the children race for it
     scram_secret(cfg)
-    children: list[int] = []
-    for _ in range(cfg.workers):
+    children: dict[int, float] = {}  # pid -> when it started
+    stopping = False
+
+    def spawn() -> None:
         pid = os.fork()
         if pid == 0:  # the child runs one node and never returns into the parent's code
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # until its loop takes them over
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             code = 0
             try:
                 run(serve(cfg))
@@ -285,17 +295,39 @@ def serve_processes(cfg: Config) -> None:
                 log.exception("worker process failed")
                 code = 1
             os._exit(code)
-        children.append(pid)
+        children[pid] = time.monotonic()
 
     def forward(signum: int, _frame: object) -> None:
-        for child in children:
+        nonlocal stopping
+        stopping = True
+        for child in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signum)
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
-    for child in children:
-        os.waitpid(child, 0)
+    for _ in range(cfg.workers):
+        spawn()
+    status = 0
+    while children:
+        try:
+            pid, wait_status = os.wait()
+        except ChildProcessError:
+            break
+        started = children.pop(pid, None)
+        if started is None or stopping:
+            continue
+        code = os.waitstatus_to_exitcode(wait_status)
+        if time.monotonic() - started < STARTUP_GRACE:
+            log.error("worker process %d exited (%d) while starting; stopping the node", pid, code)
+            status = 1
+            forward(signal.SIGTERM, None)
+        else:
+            log.error("worker process %d exited (%d); starting another", pid, code)
+            time.sleep(1.0)
+            if not stopping:
+                spawn()
+    return status
 
 
 def _safe(cfg: Config) -> str:

@@ -88,10 +88,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     log.setup(cfg.log.level if not cfg.log.trace else "trace", cfg.log.mail_log)
     try:
-        app.serve_processes(cfg)
+        return app.serve_processes(cfg)
     except OSError as exc:
         raise ConfigError(f"cannot start: {exc}") from None
-    return 0
 
 
 StoreFn = Callable[[MailStore, argparse.Namespace], Awaitable[int]]

@@ -126,7 +126,10 @@ class _Writer:
     """
 
     def __init__(self, path: str, busy_ms: int) -> None:
-        self._conn = _connect(path, 0)
+        # Setting up the connection may wait for another process (its first statements read
+        # the schema); after that BEGIN IMMEDIATE is retried from the loop, never blocking it.
+        self._conn = _connect(path, busy_ms)
+        self._conn.execute("PRAGMA busy_timeout = 0")
         self._busy_ms = busy_ms
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pochta-sqlite-commit")
         self._pending: list[_Request] = []
