@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
 
 from pochta.errors import StoreUnavailable
 from pochta.store._common import load_migrations
+from pochta.store import sqlite as sqlite_engine
 from pochta.store.api import Target
 from pochta.store.sqlite import SqliteStore
 from pochta.testing.storecheck import letter
@@ -90,5 +92,38 @@ async def test_pending_writes_commit_before_close(tmp_path: Path) -> None:
     await again.open()
     try:
         assert len(await again.list_messages("bob@example.test")) == 50
+    finally:
+        await again.close()
+
+
+@pytest.mark.parametrize(("inline_max", "where"), [(10.0, "loop"), (0.0, "thread")])
+async def test_commit_runs_on_the_loop_or_the_thread_as_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inline_max: float, where: str
+) -> None:
+    """A fast fsync commits on the event loop (no hand-off); a slow one on the commit thread.
+    Either way every letter is stored and futures resolve only after COMMIT."""
+    monkeypatch.setattr(sqlite_engine, "INLINE_COMMIT_MAX", inline_max)
+    threads: list[str] = []
+    real_commit = sqlite_engine._Writer._commit
+
+    def commit(self: sqlite_engine._Writer, measure: bool = True) -> None:
+        threads.append(threading.current_thread().name)
+        real_commit(self, measure)
+
+    monkeypatch.setattr(sqlite_engine._Writer, "_commit", commit)
+    store = await _opened(tmp_path / "mail.db")
+    try:
+        mail = letter(targets=[Target("bob@example.test")])
+        results = await asyncio.gather(*(store.deliver(mail) for _ in range(60)))
+        assert len({r.message_ids[0] for r in results}) == 60
+        assert store._writer is not None and store._writer.commit_seconds > 0
+    finally:
+        await store.close()
+    on_loop = [t == threading.main_thread().name for t in threads]
+    assert on_loop and all(on_loop) == (where == "loop") and any(on_loop) == (where == "loop")
+    again = SqliteStore(tmp_path / "mail.db")
+    await again.open()
+    try:
+        assert len(await again.list_messages("bob@example.test")) == 60
     finally:
         await again.close()

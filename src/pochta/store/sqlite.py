@@ -61,6 +61,10 @@ BUSY_TIMEOUT_MS = 5000
 MAX_BATCH = 500  # write requests per group commit
 HEAVY_BODY = 256 * 1024  # letters larger than this are written off the event loop
 INLINE_BUSY_MS = 50  # the event loop's own read connection never waits longer
+# A COMMIT (its fsync) that takes less than this on average runs on the event loop itself: a
+# hand-off to the commit thread and back (futex wake-ups, GIL, a loop wake-up) costs more CPU
+# and latency than a fast disk's fsync. Slower disks commit on the thread, so the loop goes on.
+INLINE_COMMIT_MAX = 0.0005
 
 
 def _connect(path: str, busy_ms: int, *, readonly: bool = False) -> Conn:
@@ -118,6 +122,7 @@ class _Writer:
     all. A batch's statements run on the event loop thread (small indexed writes take
     microseconds, and running them there avoids a GIL hand-off per statement with a writer
     thread, which under load cost milliseconds per letter); its COMMIT, which fsyncs, runs on
+    the loop too while the disk's fsync is fast (under INLINE_COMMIT_MAX on average), else on
     the commit thread, so the loop keeps serving connections meanwhile. A batch with a heavy
     request (a large letter) runs entirely on the commit thread. Callers' futures are resolved
     only after COMMIT returned. Several processes sharing the database (`workers`) take the
@@ -137,6 +142,7 @@ class _Writer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._lock_since = 0.0
+        self.commit_seconds = 0.0  # moving average of COMMIT, measured where it runs
         self.commits = 0
 
     def submit(self, request: _Request) -> None:
@@ -168,6 +174,16 @@ class _Writer:
         self._lock_since = 0.0
         results = self._execute(batch)
         if results is None:
+            self._next()
+            return
+        if self.commit_seconds < INLINE_COMMIT_MAX:
+            try:
+                self._commit()
+            except BaseException as exc:
+                self._fail([r for r, _, _ in results], exc)
+            else:
+                self.commits += 1
+                self._resolve(results)
             self._next()
             return
         committed = loop.run_in_executor(self._thread, self._commit)
@@ -208,13 +224,19 @@ class _Writer:
                 results.append((request, None, _translate(exc)))
         return results
 
-    def _commit(self) -> None:
-        """On the commit thread: with synchronous=FULL, COMMIT returns after the fsync."""
+    def _commit(self, measure: bool = True) -> None:
+        """With synchronous=FULL, COMMIT returns after the fsync; on the loop or the commit
+        thread, as its measured cost decides (large letters' commits are not measured)."""
+        started = time.perf_counter()
         try:
             self._conn.execute("COMMIT")
         except BaseException:
             self._rollback()
             raise
+        finally:
+            if measure:
+                took = time.perf_counter() - started
+                self.commit_seconds += (took - self.commit_seconds) * 0.1
 
     def _run_all(self, batch: list[_Request]) -> list[_Result] | None:
         """On the commit thread: a whole batch with a heavy request."""
@@ -229,7 +251,7 @@ class _Writer:
                 time.sleep(0.0003)
         results = self._execute_threaded(batch)
         if results is not None:
-            self._commit()
+            self._commit(measure=False)
         return results
 
     def _execute_threaded(self, batch: list[_Request]) -> list[_Result] | None:
