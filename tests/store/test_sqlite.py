@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from pochta.errors import StoreUnavailable
-from pochta.store._common import load_migrations
 from pochta.store import sqlite as sqlite_engine
+from pochta.store._common import load_migrations
 from pochta.store.api import Target
 from pochta.store.sqlite import SqliteStore
 from pochta.testing.storecheck import letter
