@@ -48,7 +48,9 @@ class _Pipe(asyncio.Protocol):
         self.drain_waiter: asyncio.Future[None] | None = None
         self.paused_reading = False
         self.paused_writing = False
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Python 3.11's get_running_loop() makes a getpid() system call: ask once per connection
+        self.loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = self.loop.create_future()
         self._on_connect = on_connect
         self._label = label
         self.task: asyncio.Task[None] | None = None
@@ -58,7 +60,7 @@ class _Pipe(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         if self._on_connect is not None:  # a server connection: run its handler as a task
             stream = Stream(self.transport, self, label=self._label)
-            self.task = asyncio.get_running_loop().create_task(self._on_connect(stream))
+            self.task = self.loop.create_task(self._on_connect(stream))
 
     def data_received(self, data: bytes) -> None:
         self.chunks.append(data)
@@ -155,6 +157,7 @@ class Stream:
         self.local: tuple[str, int] = (str(sock[0]), int(sock[1]))
         self._out: list[bytes] = []
         self.trace = log.isEnabledFor(TRACE)
+        self._plain = transport.get_extra_info("sslcontext") is None  # no TLS shutdown to await
 
     @property
     def tls(self) -> str | None:
@@ -171,7 +174,7 @@ class Stream:
         """
         pipe = self.pipe
         if not pipe.chunks and not pipe.eof:
-            pipe.waiter = asyncio.get_running_loop().create_future()
+            pipe.waiter = pipe.loop.create_future()
             try:
                 if timeout is None:
                     await pipe.waiter
@@ -207,7 +210,7 @@ class Stream:
             self._out.clear()
         pipe = self.pipe
         if pipe.paused_writing and not self.transport.is_closing():
-            pipe.drain_waiter = asyncio.get_running_loop().create_future()
+            pipe.drain_waiter = pipe.loop.create_future()
             try:
                 async with asyncio.timeout(timeout):
                     await pipe.drain_waiter
@@ -247,6 +250,7 @@ class Stream:
             raise ConnectionResetError("connection closed during the TLS handshake")
         self.transport = new
         self.pipe.transport = self.transport
+        self._plain = False
 
     async def close(self) -> None:
         try:
@@ -254,6 +258,9 @@ class Stream:
                 await self.flush(timeout=5.0)
         except (OSError, TimeoutError):
             pass
+        if self.transport.get_write_buffer_size() == 0 and self._plain:
+            self.transport.close()  # plain TCP with nothing left to send: closed at once
+            return
         self.transport.close()
         try:
             async with asyncio.timeout(5.0):

@@ -203,7 +203,7 @@ class SmtpServer:
         in_data = conn.state in (smtp.State.DATA, smtp.State.BDAT)
         timeout = self.limits.data_timeout if in_data else self.limits.command_timeout
         state.idle = True
-        state.deadline = asyncio.get_running_loop().time() + timeout
+        state.deadline = stream.pipe.loop.time() + timeout
         try:
             # Watched connections have their deadline enforced by _sweep (one timer for all).
             data = await stream.read(None if state.watched else timeout)

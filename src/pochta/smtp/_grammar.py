@@ -94,6 +94,11 @@ def split_path(arg: str) -> tuple[str, str]:
     arg = arg.lstrip(" ")
     if not arg.startswith("<"):
         raise _fail(R.SYNTAX_ERROR, "path must be in angle brackets")
+    if '"' not in arg:  # the usual case: no quoted local part, the first ">" ends the path
+        end = arg.find(">")
+        if end < 0:
+            raise _fail(R.SYNTAX_ERROR, "unterminated path")
+        return arg[: end + 1], arg[end + 1 :]
     quoted = False
     i = 1
     while i < len(arg):

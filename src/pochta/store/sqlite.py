@@ -60,11 +60,12 @@ Conn = sqlite3.Connection
 BUSY_TIMEOUT_MS = 5000
 MAX_BATCH = 500  # write requests per group commit
 HEAVY_BODY = 256 * 1024  # letters larger than this are written off the event loop
+JOIN_BODY = 64 * 1024  # smaller bodies are joined and inserted whole, larger ones in place
 INLINE_BUSY_MS = 50  # the event loop's own read connection never waits longer
 # A COMMIT (its fsync) that takes less than this on average runs on the event loop itself: a
 # hand-off to the commit thread and back (futex wake-ups, GIL, a loop wake-up) costs more CPU
 # and latency than a fast disk's fsync. Slower disks commit on the thread, so the loop goes on.
-INLINE_COMMIT_MAX = 0.0005
+INLINE_COMMIT_MAX = 0.001
 
 
 def _connect(path: str, busy_ms: int, *, readonly: bool = False) -> Conn:
@@ -122,7 +123,7 @@ class _Writer:
     all. A batch's statements run on the event loop thread (small indexed writes take
     microseconds, and running them there avoids a GIL hand-off per statement with a writer
     thread, which under load cost milliseconds per letter); its COMMIT, which fsyncs, runs on
-    the loop too while the disk's fsync is fast (under INLINE_COMMIT_MAX on average), else on
+    the loop too while the disk's fsync is fast (under INLINE_COMMIT_MAX, 1 ms, on average), else on
     the commit thread, so the loop keeps serving connections meanwhile. A batch with a heavy
     request (a large letter) runs entirely on the commit thread. Callers' futures are resolved
     only after COMMIT returned. Several processes sharing the database (`workers`) take the
@@ -139,6 +140,7 @@ class _Writer:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pochta-sqlite-commit")
         self._pending: list[_Request] = []
         self._busy = False
+        self.loop = asyncio.get_running_loop()  # made on the loop that uses it (store.open)
         self._idle = asyncio.Event()
         self._idle.set()
         self._lock_since = 0.0
@@ -150,14 +152,14 @@ class _Writer:
         if not self._busy:
             self._busy = True
             self._idle.clear()
-            asyncio.get_running_loop().call_soon(self._start)
+            self.loop.call_soon(self._start)
 
     def _start(self) -> None:
         batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
         if not batch:
             self._finish()
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         if any(r.heavy for r in batch):
             future = loop.run_in_executor(self._thread, self._run_all, batch)
             future.add_done_callback(lambda f: self._settle(batch, f))
@@ -296,7 +298,7 @@ class _Writer:
 
     def _next(self) -> None:
         if self._pending:
-            asyncio.get_running_loop().call_soon(self._start)
+            self.loop.call_soon(self._start)
         else:
             self._finish()
 
@@ -600,8 +602,9 @@ def _insert_body(c: Conn, parts: tuple[bytes, ...]) -> int:
     """Store a body once; parts are written in place with incremental blob I/O, so a large
     letter is not joined into one more copy in memory."""
     size = sum(map(len, parts))
-    if len(parts) == 1:
-        cur = c.execute("INSERT INTO bodies (raw, size) VALUES (?, ?)", (parts[0], size))
+    if len(parts) == 1 or size <= JOIN_BODY:
+        raw = parts[0] if len(parts) == 1 else b"".join(parts)
+        cur = c.execute("INSERT INTO bodies (raw, size) VALUES (?, ?)", (raw, size))
         return int(cur.lastrowid or 0)
     cur = c.execute("INSERT INTO bodies (raw, size) VALUES (zeroblob(?), ?)", (size, size))
     body_id = int(cur.lastrowid or 0)
@@ -896,7 +899,7 @@ class SqliteStore:
     async def _write(self, fn: Callable[[Conn], T], *, heavy: bool = False) -> T:
         if self._writer is None:
             raise StoreUnavailable("the store is not open")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[T] = self._writer.loop.create_future()
         self._writer.submit(_Request(fn=fn, future=future, heavy=heavy))
         return await future
 
