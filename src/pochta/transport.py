@@ -50,7 +50,8 @@ class _Pipe(asyncio.Protocol):
         self.paused_writing = False
         # Python 3.11's get_running_loop() makes a getpid() system call: ask once per connection
         self.loop = asyncio.get_running_loop()
-        self.closed: asyncio.Future[None] = self.loop.create_future()
+        self.lost = False
+        self.closed: asyncio.Future[None] | None = None  # made only when someone waits for it
         self._on_connect = on_connect
         self._label = label
         self.task: asyncio.Task[None] | None = None
@@ -84,7 +85,8 @@ class _Pipe(asyncio.Protocol):
         self._wake()
         if self.drain_waiter is not None and not self.drain_waiter.done():
             self.drain_waiter.set_result(None)
-        if not self.closed.done():
+        self.lost = True
+        if self.closed is not None and not self.closed.done():
             self.closed.set_result(None)
 
     def pause_writing(self) -> None:
@@ -162,6 +164,8 @@ class Stream:
     @property
     def tls(self) -> str | None:
         """`TLS1.3 TLS_AES_...` once TLS is active, else None."""
+        if self._plain:
+            return None
         return tlsmod.describe(self.transport.get_extra_info("ssl_object"))
 
     async def read(self, timeout: float | None) -> bytes:
@@ -262,9 +266,14 @@ class Stream:
             self.transport.close()  # plain TCP with nothing left to send: closed at once
             return
         self.transport.close()
+        pipe = self.pipe
+        if pipe.lost:
+            return
+        if pipe.closed is None:
+            pipe.closed = pipe.loop.create_future()
         try:
             async with asyncio.timeout(5.0):
-                await asyncio.shield(self.pipe.closed)
+                await asyncio.shield(pipe.closed)
         except (OSError, TimeoutError, ssl.SSLError):
             self.transport.abort()
 

@@ -65,21 +65,28 @@ def split_header_block(raw: bytes) -> tuple[bytes, bytes]:
 
 
 def iter_fields(raw: bytes) -> Iterator[tuple[bytes, bytes]]:
-    """(lowercased name, unfolded raw value) for each field of the header block, in order."""
-    headers, _ = split_header_block(raw)
+    """(lowercased name, unfolded raw value) for each field of the header block, in order.
+
+    One pass over the lines, with the same bounds as `split_header_block` (it runs once per
+    letter on the hot path)."""
     name: bytes | None = None
     value: list[bytes] = []
-    for _, line in _lines(headers):
-        if line[:1] in (b" ", b"\t") and name is not None:
-            value.append(line)
+    start, size = 0, len(raw)
+    while start < size:
+        end = raw.find(b"\n", start)
+        end = size if end < 0 else end + 1
+        line = raw[start:end]
+        if line[:1] in (b" ", b"\t") and start > 0:
+            value.append(line)  # RFC 5322 §2.2.3 folded continuation
+            start = end
             continue
+        if _is_blank(line) or not _FIELD_LINE.match(line):
+            break
         if name is not None:
             yield name, _unfold(value)
-        name = None
-        field_name, colon, rest = line.partition(b":")
-        if colon and not _is_blank(line):
-            name = field_name.strip().lower()
-            value = [rest]
+        field_name, _, rest = line.partition(b":")
+        name, value = field_name.strip().lower(), [rest]
+        start = end
     if name is not None:
         yield name, _unfold(value)
 

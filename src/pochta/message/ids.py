@@ -34,9 +34,17 @@ def make_message_id(hostname: str) -> str:
 
 def format_date(dt: datetime) -> str:
     """RFC 5322 §3.3 date-time, e.g. "Tue, 01 Jul 2025 12:00:00 +0000"; naive means UTC."""
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
+    global _last_utc
+    if dt.tzinfo is None or dt.tzinfo is UTC:
+        second = int((dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp())
+        last = _last_utc  # every letter carries a date: format UTC once per second
+        if last[0] != second:
+            last = _last_utc = (second, _format_second(second, timedelta(0)))
+        return last[1]
     return _format_second(int(dt.timestamp()), dt.utcoffset() or timedelta(0))
+
+
+_last_utc: tuple[int, str] = (-1, "")
 
 
 @lru_cache(maxsize=16)
@@ -54,4 +62,14 @@ def make_queue_id() -> str:
     Milliseconds, the process id and a per-process counter (random start): unique across the
     processes of a node and across restarts, without a random-number syscall per letter.
     """
-    return f"{int(time.time() * 1000):X}{os.getpid() & 0xFFFF:04X}{next(_QUEUE_SEQ) & 0xFFFFF:05X}"
+    return f"{int(time.time() * 1000):X}{_PID[0]:04X}{next(_QUEUE_SEQ) & 0xFFFFF:05X}"
+
+
+_PID = [os.getpid() & 0xFFFF]  # getpid() is a system call; worker processes fork after import
+
+
+def _forked() -> None:
+    _PID[0] = os.getpid() & 0xFFFF
+
+
+os.register_at_fork(after_in_child=_forked)

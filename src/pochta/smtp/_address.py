@@ -20,6 +20,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 # RFC 5321 §4.5.3.1.1-3
 MAX_LOCAL_PART = 64
@@ -75,6 +76,7 @@ class Path:
 NULL_PATH = Path("", "")
 
 
+@lru_cache(maxsize=4096)  # the same few domains come in letter after letter
 def valid_domain(domain: str) -> bool:
     """A Domain or an address-literal of RFC 5321 §4.1.2 / §4.1.3."""
     if domain.startswith("[") and domain.endswith("]"):
@@ -101,6 +103,7 @@ def _valid_literal(inner: str) -> bool:
     return True
 
 
+@lru_cache(maxsize=4096)  # Path is immutable; a bad path raises and is not cached
 def parse_path(text: str, *, allow_null: bool = False, allow_bare_postmaster: bool = False) -> Path:
     """Parse `<...>` (the angle brackets included).
 
