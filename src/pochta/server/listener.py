@@ -112,7 +112,7 @@ class SmtpServer:
             await _refuse(stream, TOO_MANY_FROM_YOU)
             return
         session = Session(self.ctx, kind, ip, conn_id, tls=stream.tls)
-        task = asyncio.current_task()
+        task = asyncio.current_task(stream.pipe.loop)
         assert task is not None
         state = _Conn(session, watched=True)
         self._active[task] = state
