@@ -84,7 +84,17 @@ def test_ipv6_peer_and_time_zone() -> None:
 
 @pytest.mark.parametrize(
     "helo",
-    ["evil)\r\nX-Injected: yes (", "a(b)c", "with\\backslash", "", "  ", "héllo", "x" * 500],
+    [
+        "evil)\r\nX-Injected: yes (",
+        "a(b)c",
+        "with\\backslash",
+        "",
+        "  ",
+        "héllo",
+        "x" * 500,
+        "[" + "1" * 70 + "é]",  # a long "literal": once only its first 64 characters were checked
+        "[" + "1" * 70 + ");(]",
+    ],
 )
 def test_hostile_helo_is_sanitised(helo: str) -> None:
     header = make(from_helo=helo)

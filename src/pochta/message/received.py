@@ -24,6 +24,7 @@ _MAX_COLUMNS = 77  # RFC 5322 §2.1.1: lines SHOULD be no more than 78 character
 _TAB_WIDTH = 8
 _MAX_TOKEN = 200
 _MAX_HELO_COMMENT = 48  # keeps every line far below the 998-octet hard limit
+_MAX_LITERAL = 64  # "[IPv6:" + 45 + "]" is 52; anything longer is no address literal
 _UNSAFE = re.compile(r"[^\x21-\x7e]|[();\\]")
 _NON_ATEXT = re.compile(r"[^A-Za-z0-9!#$%&'*+/=?^_`{|}~-]")  # RFC 5322 §3.2.3 atext
 _DOMAIN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9_-]+)*\.?$")
@@ -95,7 +96,7 @@ def received_header(
     if tls:
         words = (sanitize(word, limit=80) for word in tls.split())
         tokens.append("(using " + " ".join(words)[:160] + ")")
-    tokens += [f"by {sanitize(by_host) or 'localhost'}", "(pochta)"]
+    tokens += [_by_clause(by_host), "(pochta)"]
     proto = protocol.upper() if protocol.upper() in PROTOCOLS else "ESMTP"
     tokens.append(f"with {proto}")
     clean_id = _NON_ATEXT.sub("?", queue_id)[:64]
@@ -109,10 +110,23 @@ def received_header(
     return _fold(tokens).encode("ascii") + b"\r\n"
 
 
+@lru_cache(maxsize=256)  # our own hostname: the same every letter
+def _by_clause(by_host: str) -> str:
+    return f"by {sanitize(by_host) or 'localhost'}"
+
+
+@lru_cache(maxsize=1024)  # clients say the same HELO letter after letter
 def _helo_ok(helo: str) -> bool:
     if _DOMAIN.match(helo) and len(helo) <= 253:
         return True
-    return helo.startswith("[") and helo.endswith("]") and not _UNSAFE.search(helo[:64])
+    # An address literal is kept as sent only when every character of it is safe (a check of
+    # just its start let a long literal carry non-ASCII or ")" and ";" into the header).
+    return (
+        helo.startswith("[")
+        and helo.endswith("]")
+        and len(helo) <= _MAX_LITERAL
+        and not _UNSAFE.search(helo)
+    )
 
 
 def _from_domain(helo: str, peer_ip: str) -> str:
@@ -145,12 +159,16 @@ def _fold(tokens: list[str]) -> str:
     column limit (RFC 5322 §2.2.3 folding). Tokens themselves are never split."""
     lines: list[str] = []
     current = tokens[0]
+    width = _width(current)
     for token in tokens[1:]:
-        candidate = f"{current} {token}"
-        if _width(candidate) > _MAX_COLUMNS and current.strip():
+        # Sanitised tokens hold no tab, so a token's width is its length (else measure it).
+        extra = 1 + (len(token) if "\t" not in token else _width(f"{current} {token}") - width - 1)
+        if width + extra > _MAX_COLUMNS and current.strip():
             lines.append(current)
             current = "\t" + token
+            width = _width(current)
         else:
-            current = candidate
+            current = f"{current} {token}"
+            width += extra
     lines.append(current)
     return "\r\n".join(lines)

@@ -22,7 +22,7 @@ from pochta import log as maillog
 from pochta import smtp
 from pochta.auth import sasl
 from pochta.auth.throttle import FailureThrottle, auth_failure_log_line
-from pochta.errors import MailError, StoreUnavailable
+from pochta.errors import StoreUnavailable
 from pochta.message import headers, ids, received
 from pochta.smtp import Reply
 from pochta.smtp import replies as R
@@ -184,7 +184,7 @@ class Session:
         except StoreUnavailable:
             log.warning("conn=%s store unavailable", self.conn_id)
             return STORE_BUSY
-        except MailError:
+        except Exception:  # a bug of ours: a clear 451 and a log entry, never a silent drop
             log.exception("conn=%s error handling %s", self.conn_id, type(event).__name__)
             return STORE_BUSY.with_text(f"Local error (conn {self.conn_id})")
 
