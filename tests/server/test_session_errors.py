@@ -70,3 +70,32 @@ async def test_an_internal_fault_is_a_451_and_the_connection_goes_on(
     assert second[0] == 250
     assert [m.subject for m in await store.list_messages("bob@mail.test")] == ["two"]
     assert "a bug in the trace header" in caplog.text
+
+
+async def test_a_fault_outside_a_command_is_a_421_not_a_silent_close(
+    served: tuple[SmtpServer, MailStore],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server, _ = served
+
+    def broken(self: session_module.Session, data: bytes) -> None:
+        raise RuntimeError("a bug while taking the body")
+
+    monkeypatch.setattr(session_module.Session, "body_chunk", broken)
+    listening = await server.listen("mx", "127.0.0.1:0")
+    port = listening.sockets[0].getsockname()[1]
+
+    def send() -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=10) as c:
+            c.ehlo()
+            c.mail("alice@outside.test")
+            c.rcpt("bob@mail.test")
+            try:
+                return c.data(b"Subject: one\r\n\r\nbody\r\n")
+            except smtplib.SMTPServerDisconnected:
+                return (0, b"")
+
+    code, text = await asyncio.to_thread(send)
+    assert (code, text) == (421, b"4.3.0 Local error, closing transmission channel")
+    assert "a bug while taking the body" in caplog.text

@@ -30,6 +30,7 @@ from pochta.transport import PlaintextAfterStartTLS, Stream, serve_streams
 log = logging.getLogger(__name__)
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 TOO_MANY_FROM_YOU = Reply(421, "4.7.0", "Too many connections from your address")
+LOCAL_ERROR = Reply(421, "4.3.0", "Local error, closing transmission channel")
 HANDSHAKE_TIMEOUT = 30.0  # seconds for a TLS handshake, at most
 
 # A hand-off after TURN/ATRN: the relay code takes the stream and the turned connection.
@@ -126,6 +127,9 @@ class SmtpServer:
                 raise
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             log.debug("conn=%s ended: %r", conn_id, exc)
+        except Exception:  # a bug of ours: say so to the peer rather than vanish
+            log.exception("conn=%s failed", conn_id)
+            stream.write(LOCAL_ERROR.to_bytes())
         finally:
             del self._active[task]
             self._per_ip[ip] -= 1
