@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import queue
 import sqlite3
 import threading
 import time
@@ -62,10 +63,6 @@ MAX_BATCH = 500  # write requests per group commit
 HEAVY_BODY = 256 * 1024  # letters larger than this are written off the event loop
 JOIN_BODY = 64 * 1024  # smaller bodies are joined and inserted whole, larger ones in place
 INLINE_BUSY_MS = 50  # the event loop's own read connection never waits longer
-# A COMMIT (its fsync) that takes less than this on average runs on the event loop itself: a
-# hand-off to the commit thread and back (futex wake-ups, GIL, a loop wake-up) costs more CPU
-# and latency than a fast disk's fsync. Slower disks commit on the thread, so the loop goes on.
-INLINE_COMMIT_MAX = 0.001
 
 
 def _connect(path: str, busy_ms: int, *, readonly: bool = False) -> Conn:
@@ -114,6 +111,7 @@ class _Request:
 
 
 _Result = tuple[_Request, Any, BaseException | None]
+_Job = tuple[Callable[[], Any], Callable[[Any, BaseException | None], None]]
 
 
 class _Writer:
@@ -122,9 +120,11 @@ class _Writer:
     Write requests queue up while a batch is being committed; then the next batch takes them
     all. A batch's statements run on the event loop thread (small indexed writes take
     microseconds, and running them there avoids a GIL hand-off per statement with a writer
-    thread, which under load cost milliseconds per letter); its COMMIT, which fsyncs, runs on
-    the loop too while the disk's fsync is fast (under INLINE_COMMIT_MAX, 1 ms, on average), else on
-    the commit thread, so the loop keeps serving connections meanwhile. A batch with a heavy
+    thread, which under load cost milliseconds per letter); its COMMIT, which fsyncs (and now
+    and then checkpoints the WAL), runs on the commit thread, so the loop keeps serving
+    connections meanwhile. The hand-off is one `SimpleQueue.put` there and one
+    `call_soon_threadsafe` back (a ThreadPoolExecutor's futures and conditions cost more than a
+    fast disk's fsync). A batch with a heavy
     request (a large letter) runs entirely on the commit thread. Callers' futures are resolved
     only after COMMIT returned. Several processes sharing the database (`workers`) take the
     write lock in turn: BEGIN IMMEDIATE is retried every few hundred microseconds, never
@@ -137,15 +137,18 @@ class _Writer:
         self._conn = _connect(path, busy_ms)
         self._conn.execute("PRAGMA busy_timeout = 0")
         self._busy_ms = busy_ms
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pochta-sqlite-commit")
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._run_jobs, name="pochta-sqlite-commit", daemon=True
+        )
         self._pending: list[_Request] = []
         self._busy = False
         self.loop = asyncio.get_running_loop()  # made on the loop that uses it (store.open)
         self._idle = asyncio.Event()
         self._idle.set()
         self._lock_since = 0.0
-        self.commit_seconds = 0.0  # moving average of COMMIT, measured where it runs
         self.commits = 0
+        self._thread.start()
 
     def submit(self, request: _Request) -> None:
         self._pending.append(request)
@@ -161,8 +164,7 @@ class _Writer:
             return
         loop = self.loop
         if any(r.heavy for r in batch):
-            future = loop.run_in_executor(self._thread, self._run_all, batch)
-            future.add_done_callback(lambda f: self._settle(batch, f))
+            self._jobs.put((lambda: self._run_all(batch), lambda v, e: self._settle(batch, v, e)))
             return
         try:
             self._conn.execute("BEGIN IMMEDIATE")
@@ -178,18 +180,20 @@ class _Writer:
         if results is None:
             self._next()
             return
-        if self.commit_seconds < INLINE_COMMIT_MAX:
+        self._jobs.put((self._commit, lambda _, exc: self._settle_commit(results, exc)))
+
+    def _run_jobs(self) -> None:
+        """The commit thread: run each job, hand its outcome back to the loop."""
+        while (job := self._jobs.get()) is not None:
+            work, done = job
             try:
-                self._commit()
+                value, error = work(), None
             except BaseException as exc:
-                self._fail([r for r, _, _ in results], exc)
-            else:
-                self.commits += 1
-                self._resolve(results)
-            self._next()
-            return
-        committed = loop.run_in_executor(self._thread, self._commit)
-        committed.add_done_callback(lambda f: self._settle_commit(results, f))
+                value, error = None, exc
+            try:
+                self.loop.call_soon_threadsafe(done, value, error)
+            except RuntimeError:  # the loop is closed: nobody waits for the outcome any more
+                return
 
     def _retry_later(self, loop: asyncio.AbstractEventLoop) -> bool:
         now = time.monotonic()
@@ -226,19 +230,13 @@ class _Writer:
                 results.append((request, None, _translate(exc)))
         return results
 
-    def _commit(self, measure: bool = True) -> None:
-        """With synchronous=FULL, COMMIT returns after the fsync; on the loop or the commit
-        thread, as its measured cost decides (large letters' commits are not measured)."""
-        started = time.perf_counter()
+    def _commit(self) -> None:
+        """On the commit thread: with synchronous=FULL, COMMIT returns after the fsync."""
         try:
             self._conn.execute("COMMIT")
         except BaseException:
             self._rollback()
             raise
-        finally:
-            if measure:
-                took = time.perf_counter() - started
-                self.commit_seconds += (took - self.commit_seconds) * 0.1
 
     def _run_all(self, batch: list[_Request]) -> list[_Result] | None:
         """On the commit thread: a whole batch with a heavy request."""
@@ -253,7 +251,7 @@ class _Writer:
                 time.sleep(0.0003)
         results = self._execute_threaded(batch)
         if results is not None:
-            self._commit(measure=False)
+            self._commit()
         return results
 
     def _execute_threaded(self, batch: list[_Request]) -> list[_Result] | None:
@@ -271,19 +269,17 @@ class _Writer:
                 outcome.append((request, None, _translate(exc)))
         return outcome
 
-    def _settle(self, batch: list[_Request], future: asyncio.Future[list[_Result] | None]) -> None:
-        exc = future.exception()
+    def _settle(
+        self, batch: list[_Request], results: list[_Result] | None, exc: BaseException | None
+    ) -> None:
         if exc is not None:
             self._fail(batch, exc)
-        else:
-            results = future.result()
-            if results is not None:
-                self.commits += 1
-                self._resolve(results)
+        elif results is not None:
+            self.commits += 1
+            self._resolve(results)
         self._next()
 
-    def _settle_commit(self, results: list[_Result], future: asyncio.Future[None]) -> None:
-        exc = future.exception()
+    def _settle_commit(self, results: list[_Result], exc: BaseException | None) -> None:
         if exc is not None:
             self._fail([r for r, _, _ in results], exc)
         else:
@@ -321,8 +317,11 @@ class _Writer:
         """Let queued requests commit, then close the connection."""
         while self._busy or self._pending:
             await self._idle.wait()
-        await asyncio.get_running_loop().run_in_executor(self._thread, self._conn.close)
-        self._thread.shutdown(wait=True)
+        closed: asyncio.Future[None] = self.loop.create_future()
+        self._jobs.put((self._conn.close, lambda _, exc: _settle(closed, None, exc)))
+        self._jobs.put(None)
+        await closed
+        await asyncio.to_thread(self._thread.join)
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
