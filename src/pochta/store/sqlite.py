@@ -124,11 +124,10 @@ class _Writer:
     and then checkpoints the WAL), runs on the commit thread, so the loop keeps serving
     connections meanwhile. The hand-off is one `SimpleQueue.put` there and one
     `call_soon_threadsafe` back (a ThreadPoolExecutor's futures and conditions cost more than a
-    fast disk's fsync). A batch with a heavy
-    request (a large letter) runs entirely on the commit thread. Callers' futures are resolved
-    only after COMMIT returned. Several processes sharing the database (`workers`) take the
-    write lock in turn: BEGIN IMMEDIATE is retried every few hundred microseconds, never
-    blocking the loop.
+    fast disk's fsync). A batch with a heavy request (a large letter) runs entirely on the
+    commit thread. Callers' futures are resolved only after COMMIT returned. Several processes
+    sharing the database (`workers`) take the write lock in turn: BEGIN IMMEDIATE is retried
+    every few hundred microseconds, never blocking the loop.
     """
 
     def __init__(self, path: str, busy_ms: int) -> None:
