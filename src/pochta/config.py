@@ -138,7 +138,7 @@ class Config:
     hostname: str = ""
     data_dir: str = "var"
     store_url: str = ""
-    workers: int = 1  # server processes sharing the listening sockets (SO_REUSEPORT)
+    workers: int = 1  # server processes sharing the listening sockets (bound by the parent)
     listen: Listen = field(default_factory=Listen)
     tls: Tls = field(default_factory=Tls)
     dns: Dns = field(default_factory=Dns)

@@ -135,15 +135,14 @@ async def open_stream(
 
 async def serve_streams(
     handler: Callable[[Stream], Coroutine[Any, Any, None]],
-    host: str,
-    port: int,
     *,
     label: str = "server",
     **kwargs: Any,
 ) -> asyncio.Server:
-    """`loop.create_server` whose every connection runs `handler(stream)` as a task."""
+    """`loop.create_server(**kwargs)` (host and port, or sock) whose every connection runs
+    `handler(stream)` as a task."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: _Pipe(handler, label), host, port, **kwargs)
+    return await loop.create_server(lambda: _Pipe(handler, label), **kwargs)
 
 
 class Stream:

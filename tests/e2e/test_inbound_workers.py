@@ -3,12 +3,14 @@ database; every letter is stored exactly once with its own UID, and SIGTERM stop
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import smtplib
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from pochta.store.api import MailStore
@@ -34,6 +36,15 @@ def test_two_processes_share_the_port_and_the_store(node_factory: Any, store_que
         ["pgrep", "-P", str(node.proc.pid)], capture_output=True, text=True
     ).stdout.split()
     assert len(children) == 2  # two serving processes under the parent
+
+    def sockets(pid: str) -> set[str]:
+        fds = Path(f"/proc/{pid}/fd")
+        links = (os.readlink(fd) for fd in fds.iterdir())
+        return {link for link in links if link.startswith("socket:")}
+
+    # One listening socket per address, bound by the parent and shared (one accept queue),
+    # not a socket of each worker's own (SO_REUSEPORT hashes connections, one worker idles).
+    assert len(sockets(children[0]) & sockets(children[1])) >= 3  # mx, submission, submissions
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         batches = pool.map(

@@ -33,7 +33,7 @@ async def test_plaintext_buffered_before_the_handshake_is_refused(tmp_path: Path
             outcome.set_result(None)
         await stream.close()
 
-    server = await serve_streams(handler, "127.0.0.1", 0)
+    server = await serve_streams(handler, host="127.0.0.1", port=0)
     port = server.sockets[0].getsockname()[1]
     client = await open_stream("127.0.0.1", port)
     client.write(b"STARTTLS\r\n")
@@ -62,7 +62,7 @@ async def test_starttls_without_pending_bytes_upgrades(tmp_path: Path) -> None:
         await stream.flush()
         await stream.close()
 
-    server = await serve_streams(handler, "127.0.0.1", 0)
+    server = await serve_streams(handler, host="127.0.0.1", port=0)
     port = server.sockets[0].getsockname()[1]
     client = await open_stream("127.0.0.1", port)
     client.write(b"STARTTLS\r\n")
@@ -95,7 +95,7 @@ async def test_reads_return_everything_in_order(size: int) -> None:
         got.set_result(data)
         await stream.close()
 
-    server = await serve_streams(handler, "127.0.0.1", 0)
+    server = await serve_streams(handler, host="127.0.0.1", port=0)
     port = server.sockets[0].getsockname()[1]
     client = await open_stream("127.0.0.1", port)
     client.write(payload)
@@ -116,7 +116,7 @@ async def test_a_half_closed_client_still_gets_the_last_reply() -> None:
         await stream.flush()
         await stream.close()
 
-    server = await serve_streams(handler, "127.0.0.1", 0)
+    server = await serve_streams(handler, host="127.0.0.1", port=0)
     port = server.sockets[0].getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"QUIT\r\n")

@@ -32,6 +32,7 @@ TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again late
 TOO_MANY_FROM_YOU = Reply(421, "4.7.0", "Too many connections from your address")
 LOCAL_ERROR = Reply(421, "4.3.0", "Local error, closing transmission channel")
 HANDSHAKE_TIMEOUT = 30.0  # seconds for a TLS handshake, at most
+LISTEN_BACKLOG = 1024
 
 # A hand-off after TURN/ATRN: the relay code takes the stream and the turned connection.
 TurnHandler = Callable[[Session, Stream, smtp.Connection], Awaitable[None]]
@@ -67,8 +68,11 @@ class SmtpServer:
         self._sweeper: asyncio.Task[None] | None = None
         self.stopping = False
 
-    async def listen(self, kind: str, address: str, *, reuse_port: bool = False) -> asyncio.Server:
-        """Bind `host:port` for a listener kind; returns the asyncio server (for its sockets)."""
+    async def listen(
+        self, kind: str, address: str, *, sock: socket.socket | None = None
+    ) -> asyncio.Server:
+        """Bind `host:port` for a listener kind, or serve `sock` (bound and listening already:
+        worker processes share the sockets their parent bound); returns the asyncio server."""
         host, port = split_address(address)
         implicit = self.tls_context if kind == SUBMISSIONS else None
         if kind == SUBMISSIONS and implicit is None:
@@ -77,15 +81,17 @@ class SmtpServer:
         async def accept(stream: Stream) -> None:
             await self._accept(kind, stream)
 
+        where: dict[str, Any] = (
+            {"sock": sock}
+            if sock is not None
+            else {"host": host, "port": port, "reuse_address": True}
+        )
         server = await serve_streams(
             accept,
-            host,
-            port,
             ssl=implicit,
-            reuse_address=True,
-            reuse_port=reuse_port,
-            backlog=1024,
+            backlog=LISTEN_BACKLOG,
             ssl_handshake_timeout=self.handshake_timeout if implicit else None,
+            **where,
         )
         self._servers.append(server)
         for sock in server.sockets:
