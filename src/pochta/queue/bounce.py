@@ -34,6 +34,7 @@ from pochta.store.api import (
     QueueRecipient,
     Target,
     domain_of,
+    postmaster_domains,
 )
 from pochta.store.api import normalize_address as _norm
 
@@ -128,9 +129,7 @@ async def local_postmaster(store: MailStore, hostname: str) -> str | None:
     """The user that receives postmaster mail: postmaster of the domain of our hostname, else of
     the first hosted domain (RFC 5321 §4.5.1); None when no domain is hosted."""
     domains = [d.name for d in await store.list_domains()]
-    name = hostname.lower()
-    ordered = [d for d in domains if name == d or name.endswith("." + d)] + domains
-    for domain in ordered:
+    for domain in postmaster_domains(domains, hostname):
         user = await store.resolve(f"postmaster@{domain}")
         if user is not None:
             return user

@@ -35,6 +35,7 @@ from pochta.store.api import (
     User,
     domain_of,
     normalize_address,
+    postmaster_domains,
 )
 
 log = logging.getLogger(__name__)
@@ -315,12 +316,9 @@ class Session:
         return any(r.domain == domain for r in await self.ctx.store.list_relay_domains())
 
     async def _local_postmaster(self) -> str:
-        domains = await self.ctx.store.list_domains()
-        name = self.ctx.hostname.lower()
-        for d in domains:  # the domain of our hostname, else the first hosted one
-            if name == d.name or name.endswith("." + d.name):
-                return f"postmaster@{d.name}"
-        return f"postmaster@{domains[0].name}" if domains else "postmaster"
+        domains = [d.name for d in await self.ctx.store.list_domains()]
+        ordered = postmaster_domains(domains, self.ctx.hostname)
+        return f"postmaster@{ordered[0]}" if ordered else "postmaster"
 
     async def _end_of_data(self, conn: smtp.Connection) -> Reply:
         tx, self.tx = self.tx, None

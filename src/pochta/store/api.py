@@ -41,6 +41,13 @@ def domain_of(address: str) -> str:
     return domain.lower()
 
 
+def postmaster_domains(domains: Sequence[str], hostname: str) -> list[str]:
+    """Hosted domains in the order their postmaster stands for this host (RFC 5321 §4.5.1):
+    the domain of our hostname first (a suffix match), then every hosted domain in order."""
+    name = hostname.lower()
+    return [d for d in domains if name == d or name.endswith("." + d)] + list(domains)
+
+
 @dataclass(frozen=True)
 class Domain:
     name: str
