@@ -16,7 +16,6 @@ Imports `pochta.testing.node`, `pochta.store`, `pochta.config` and `pochta.auth.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import socket
@@ -30,9 +29,8 @@ import pytest
 
 from pochta import config
 from pochta.auth.passwords import hash_password
-from pochta.store import open_store
 from pochta.store.api import MailStore, MessageInfo
-from pochta.testing.node import NodeProcess, free_port
+from pochta.testing.node import NodeProcess, free_port, query_store_url
 
 T = TypeVar("T")
 
@@ -114,17 +112,7 @@ def query_store(node: NodeProcess, fn: Callable[[MailStore], Awaitable[T]]) -> T
     """Run `fn` against the node's store (its configured URL) opened in this process; the node
     may be running (SQLite in WAL mode lets a reader in while the server writes). For sync
     tests only: it runs its own event loop."""
-    url = config.load(str(node.config)).store_url
-
-    async def run() -> T:
-        store = open_store(url)
-        await store.open()
-        try:
-            return await fn(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
+    return query_store_url(config.load(str(node.config)).store_url, fn)
 
 
 def provision(

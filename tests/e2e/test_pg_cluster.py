@@ -24,9 +24,8 @@ import pytest
 from test_delivery_support import letter, wait_until
 
 from pochta.client.session import SmtpClient
-from pochta.store import open_store
 from pochta.store.api import SENT, MailStore
-from pochta.testing.node import NodeProcess, free_port
+from pochta.testing.node import NodeProcess, free_port, query_store_url
 
 T = TypeVar("T")
 PG_DSN = os.environ.get("POCHTA_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
@@ -68,16 +67,7 @@ def pg_url() -> Iterator[str]:
     pg_run(lambda c: c.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
 
 
-def query(url: str, fn: Callable[[MailStore], Awaitable[T]]) -> T:
-    async def run() -> T:
-        store = open_store(url)
-        await store.open()
-        try:
-            return await fn(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
+query = query_store_url
 
 
 class Cluster:

@@ -3,7 +3,6 @@ the node's SQLite store opened in this process."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -11,9 +10,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from pochta.store import open_store
 from pochta.store.api import MailStore, MessageInfo
-from pochta.testing.node import NodeProcess
+from pochta.testing.node import NodeProcess, query_store_url
 
 T = TypeVar("T")
 
@@ -58,15 +56,7 @@ def _query(node: NodeProcess, fn: Callable[[MailStore], Awaitable[T]]) -> T:
     """Run `fn` on the node's SQLite store in this process (WAL lets a reader in while the server
     writes); much faster than one `pochta` command per look."""
 
-    async def run() -> T:
-        store = open_store(f"sqlite:///{node.db}")
-        await store.open()
-        try:
-            return await fn(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
+    return query_store_url(f"sqlite:///{node.db}", fn)
 
 
 def mail_list(node: NodeProcess, address: str, folder: str = "INBOX") -> list[MessageInfo]:

@@ -10,17 +10,39 @@ SQLite database and loopback address. Production code never imports this module.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+from pochta.store import open_store
+from pochta.store.api import MailStore
 
 KINDS = ("mx", "submission", "submissions", "odmr")
+T = TypeVar("T")
+
+
+def query_store_url(url: str, fn: Callable[[MailStore], Awaitable[T]]) -> T:
+    """Open the store at `url` in this process, run `fn` on it, close it (sync tests: it runs
+    its own event loop). A running node may share it: SQLite's WAL lets a reader in while the
+    server writes, PostgreSQL is shared by design."""
+
+    async def run() -> T:
+        store = open_store(url)
+        await store.open()
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
 
 
 def free_port(host: str = "127.0.0.1") -> int:
