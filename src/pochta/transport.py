@@ -157,7 +157,7 @@ class Stream:
         sock = transport.get_extra_info("sockname") or ("", 0)
         self.local: tuple[str, int] = (str(sock[0]), int(sock[1]))
         self._out: list[bytes] = []
-        self.trace = log.isEnabledFor(TRACE)
+        self.trace = tracing()
         self._plain = transport.get_extra_info("sslcontext") is None  # no TLS shutdown to await
 
     @property
@@ -189,7 +189,7 @@ class Stream:
         if pipe.chunks:
             data = pipe.take()
             if self.trace:
-                self._trace("C" if self.label == "server" else "S", data)
+                trace(self.label, "C" if self.label == "server" else "S", data)
             return data
         if isinstance(pipe.error, OSError):
             raise pipe.error
@@ -200,7 +200,7 @@ class Stream:
         if data:
             self._out.append(data)
             if self.trace:
-                self._trace("S" if self.label == "server" else "C", data)
+                trace(self.label, "S" if self.label == "server" else "C", data)
 
     async def flush(self, timeout: float = 60.0) -> None:
         """Hand the queued bytes to the socket; wait (at most `timeout`) only when the peer
@@ -276,14 +276,34 @@ class Stream:
         except (OSError, TimeoutError, ssl.SSLError):
             self.transport.abort()
 
-    def _trace(self, who: str, data: bytes) -> None:
-        for line in data.split(b"\r\n")[:20]:
-            if not line:
-                continue
-            text = line[:200].decode("utf-8", "replace")
-            if text.upper().startswith("AUTH ") or (who == "C" and text.isascii() and _b64(text)):
-                text = text.split(" ", 1)[0] + " <redacted>"
-            log.log(TRACE, "%s %s: %s", self.label, who, text)
+
+def tracing() -> bool:
+    """Whether wire lines are logged (TRACE level)."""
+    return log.isEnabledFor(TRACE)
+
+
+def trace(label: str, who: str, data: bytes) -> None:
+    """Log wire lines at TRACE level (`who` is C or S), AUTH lines and SASL responses redacted."""
+    for line in data.split(b"\r\n")[:20]:
+        if not line:
+            continue
+        text = line[:200].decode("utf-8", "replace")
+        if text.upper().startswith("AUTH ") or (who == "C" and text.isascii() and _b64(text)):
+            text = text.split(" ", 1)[0] + " <redacted>"
+        log.log(TRACE, "%s %s: %s", label, who, text)
+
+
+def adopt(transport: asyncio.Transport, *, label: str) -> Stream:
+    """A Stream over a connection that another protocol has served so far (the hand-off after
+    TURN/ATRN): from now on the transport's bytes and events go to the Stream."""
+    pipe = _Pipe(label=label)
+    pipe.transport = transport
+    transport.set_protocol(pipe)
+    if transport.is_closing():
+        pipe.eof = pipe.lost = True
+    else:
+        transport.resume_reading()
+    return Stream(transport, pipe, label=label)
 
 
 def _b64(text: str) -> bool:

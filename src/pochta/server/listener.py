@@ -1,10 +1,18 @@
 """Listeners: bind the SMTP ports and pump each connection through the core and its Session.
-Imports `smtp`, `transport`, `server.session` and `log`.
+Imports `smtp`, `transport`, `tls`, `server.session` and `log`.
 
 `mx` (25), `submission` (587, STARTTLS) and `submissions` (465, implicit TLS, RFC 8314) and
 `odmr` (366) are the same pump with a different Session policy. The pump enforces the limits a
 stranger controls: connections in total and per IP, read timeouts (RFC 5321 §4.5.3.2), errors per
 connection, and sends 421 on shutdown.
+
+Each connection is an asyncio Protocol (`_SmtpProtocol`) driven by the bytes that arrive: they go
+into the core, its events to the Session, and the replies out in one write per batch of input
+(so pipelined replies go out together, RFC 2920 §3). A command that needs no store (EHLO, MAIL on
+port 25, DATA, RSET, QUIT...) is answered right there; one that waits (RCPT, the end of the data,
+AUTH, the relay verbs) runs as a task and the connection takes no further input until its reply
+is out. No task and no future per command otherwise: with a non-pipelining client a letter is
+seven round trips, and each layer per round trip costs CPU on every one of them.
 """
 
 from __future__ import annotations
@@ -18,14 +26,15 @@ import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from pochta import log as maillog
 from pochta import smtp
+from pochta import tls as tlsmod
 from pochta.server.session import SUBMISSIONS, ServerContext, Session
 from pochta.smtp import Reply
 from pochta.smtp import replies as R
-from pochta.transport import PlaintextAfterStartTLS, Stream, serve_streams
+from pochta.transport import BUFFER_LIMIT, Stream, adopt, trace, tracing
 
 log = logging.getLogger(__name__)
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
@@ -61,7 +70,7 @@ class SmtpServer:
         self.tls_context = tls_context
         self.on_turn = on_turn
         self._servers: list[asyncio.Server] = []
-        self._active: dict[asyncio.Task[None], _Conn] = {}
+        self._active: set[_SmtpProtocol] = set()
         self._per_ip: Counter[str] = Counter()
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}"
@@ -77,17 +86,13 @@ class SmtpServer:
         implicit = self.tls_context if kind == SUBMISSIONS else None
         if kind == SUBMISSIONS and implicit is None:
             raise OSError(f"{kind} needs a TLS certificate")
-
-        async def accept(stream: Stream) -> None:
-            await self._accept(kind, stream)
-
         where: dict[str, Any] = (
             {"sock": sock}
             if sock is not None
             else {"host": host, "port": port, "reuse_address": True}
         )
-        server = await serve_streams(
-            accept,
+        server = await asyncio.get_running_loop().create_server(
+            lambda: self.protocol(kind),
             ssl=implicit,
             backlog=LISTEN_BACKLOG,
             ssl_handshake_timeout=self.handshake_timeout if implicit else None,
@@ -108,40 +113,12 @@ class SmtpServer:
     def bound(self) -> list[tuple[str, int]]:
         return [s.getsockname()[:2] for srv in self._servers for s in srv.sockets]
 
-    async def _accept(self, kind: str, stream: Stream) -> None:
-        ip = stream.peer[0]
-        conn_id = f"{self._prefix}.{next(self._ids)}"
-        if self.stopping or len(self._active) >= self.limits.connections:
-            await _refuse(stream, R.SHUTTING_DOWN if self.stopping else TOO_MANY_CONNECTIONS)
-            return
-        if self._per_ip[ip] >= self.limits.connections_per_ip:
-            maillog.event("refused", conn=conn_id, ip=ip, reason="per-ip limit")
-            await _refuse(stream, TOO_MANY_FROM_YOU)
-            return
-        session = Session(self.ctx, kind, ip, conn_id, tls=stream.tls)
-        task = asyncio.current_task(stream.pipe.loop)
-        assert task is not None
-        state = _Conn(session, watched=True)
-        self._active[task] = state
-        if self._sweeper is None:
-            self._sweeper = asyncio.create_task(self._sweep(), name="idle-sweeper")
-        self._per_ip[ip] += 1
-        try:
-            await self._serve(stream, session, state)
-        except asyncio.CancelledError:
-            if not self.stopping:
-                raise
-        except (OSError, ssl.SSLError, TimeoutError) as exc:
-            log.debug("conn=%s ended: %r", conn_id, exc)
-        except Exception:  # a bug of ours: say so to the peer rather than vanish
-            log.exception("conn=%s failed", conn_id)
-            stream.write(LOCAL_ERROR.to_bytes())
-        finally:
-            del self._active[task]
-            self._per_ip[ip] -= 1
-            if self._per_ip[ip] <= 0:
-                del self._per_ip[ip]
-            await stream.close()
+    def protocol(self, kind: str) -> asyncio.Protocol:
+        """The protocol for one new connection to a listener of `kind`."""
+        return _SmtpProtocol(self, kind)
+
+    def next_conn_id(self) -> str:
+        return f"{self._prefix}.{next(self._ids)}"
 
     async def serve_stream(
         self, stream: Stream, session: Session, conn: smtp.Connection | None = None
@@ -149,126 +126,49 @@ class SmtpServer:
         """Run the server pump on a stream opened elsewhere (the customer side of ATRN/TURN):
         greet, then answer commands until QUIT or EOF. `conn` is a server-role Connection in
         START (e.g. from `Connection.turned()`, holding bytes already received)."""
-        await self._serve(stream, session, _Conn(session), conn)
+        protocol = _SmtpProtocol(self, session.kind, session=session, conn=conn)
+        pipe = stream.pipe
+        pending = pipe.take() if pipe.chunks else b""  # take() resumes reading if it paused
+        stream.transport.set_protocol(protocol)
+        protocol.connection_made(stream.transport)
+        if pending:
+            protocol.data_received(pending)
+        if pipe.eof and not stream.transport.is_closing():
+            protocol.eof_received()
+        elif pipe.lost or stream.transport.is_closing():
+            protocol.connection_lost(pipe.error if isinstance(pipe.error, Exception) else None)
+        await protocol.wait_closed()
 
-    async def _serve(
-        self,
-        stream: Stream,
-        session: Session,
-        state: _Conn,
-        conn: smtp.Connection | None = None,
-    ) -> None:
-        if conn is None:
-            conn = smtp.Connection(smtp.SERVER, self.ctx.limits, extensions=session.extensions())
-        stream.write(conn.send(session.greeting()))
-        maillog.detail("connect", conn=session.conn_id, ip=session.peer_ip, listener=session.kind)
-        while True:
-            try:
-                event = conn.next_event()
-            except smtp.RemoteProtocolError as err:
-                hint = err.reply_hint or R.BAD_SEQUENCE
-                session.protocol_error(conn)
-                if err.fatal or session.errors >= self.ctx.max_errors:
-                    if not err.fatal:
-                        hint = R.TOO_MANY_ERRORS
-                    stream.write(hint.to_bytes())
-                    await stream.flush()
-                    return
-                stream.write(conn.send(hint))
-                continue
-            if event is smtp.NEED_DATA:
-                if not await self._read(stream, conn, state):
-                    return
-                continue
-            if isinstance(event, smtp.BodyChunk):
-                session.body_chunk(event.data)
-                continue
-            if isinstance(event, smtp.ConnectionClosed):
-                return
-            if isinstance(event, (smtp.Turned, smtp.Reply)):
-                return
-            reply = await session.handle(conn, event)
-            stream.write(conn.send(reply))
-            if conn.state is smtp.State.TLS_PENDING:
-                upgraded = await self._start_tls(stream, conn, session)
-                if upgraded is None:
-                    return
-                conn = upgraded
-            elif conn.state is smtp.State.TURNED:
-                await stream.flush()
-                if self.on_turn is not None:
-                    await self.on_turn(session, stream, conn.turned())
-                return
-            elif conn.state is smtp.State.CLOSED:
-                await stream.flush()
-                return
-            if self.stopping:
-                stream.write(conn.send(R.SHUTTING_DOWN))
-                await stream.flush()
-                return
+    def _admit(self, protocol: _SmtpProtocol, ip: str, conn_id: str) -> Reply | None:
+        """Count a new connection in; the refusal to send when a limit is reached."""
+        if self.stopping:
+            return R.SHUTTING_DOWN
+        if len(self._active) >= self.limits.connections:
+            return TOO_MANY_CONNECTIONS
+        if self._per_ip[ip] >= self.limits.connections_per_ip:
+            maillog.event("refused", conn=conn_id, ip=ip, reason="per-ip limit")
+            return TOO_MANY_FROM_YOU
+        self._per_ip[ip] += 1
+        self._enlist(protocol)
+        return None
 
-    async def _read(self, stream: Stream, conn: smtp.Connection, state: _Conn) -> bool:
-        """Flush our replies, then wait for the peer; False when the connection is over."""
-        await stream.flush()
-        in_data = conn.state in (smtp.State.DATA, smtp.State.BDAT)
-        timeout = self.limits.data_timeout if in_data else self.limits.command_timeout
-        state.idle = True
-        state.deadline = stream.pipe.loop.time() + timeout
-        try:
-            # Watched connections have their deadline enforced by _sweep (one timer for all).
-            data = await stream.read(None if state.watched else timeout)
-        except TimeoutError:
-            stream.write(R.TIMEOUT.to_bytes())  # RFC 5321 §4.5.3.2
-            await stream.flush(timeout=5.0)
-            return False
-        except asyncio.CancelledError:
-            if state.timed_out or self.stopping:
-                task = asyncio.current_task()
-                if task is not None:
-                    task.uncancel()  # we handled this cancel; later timeouts must still work
-            if state.timed_out:
-                stream.write(R.TIMEOUT.to_bytes())  # RFC 5321 §4.5.3.2
-                await stream.flush(timeout=5.0)
-                return False
-            if self.stopping:  # shutdown while idle: 421 (RFC 5321 §3.8)
-                stream.write(R.SHUTTING_DOWN.to_bytes())
-                await stream.flush(timeout=5.0)
-                return False
-            raise
-        finally:
-            state.idle = False
-        conn.receive_data(data)
-        return True
-
-    async def _start_tls(
-        self, stream: Stream, conn: smtp.Connection, session: Session
-    ) -> smtp.Connection | None:
-        try:
-            new = conn.start_tls()  # raises if plaintext was pipelined after STARTTLS
-        except smtp.RemoteProtocolError as err:
-            if err.reply_hint is not None:
-                stream.write(err.reply_hint.to_bytes())
-            await stream.flush()
-            return None
-        assert self.tls_context is not None
-        try:
-            await stream.start_tls(self.tls_context, handshake_timeout=self.handshake_timeout)
-        except PlaintextAfterStartTLS:  # RFC 3207 §4.2, CVE-2011-0411: never run those bytes
-            maillog.event(
-                "rejected",
-                conn=session.conn_id,
-                ip=session.peer_ip,
-                reason="plaintext after STARTTLS",
+    def _enlist(self, protocol: _SmtpProtocol) -> None:
+        self._active.add(protocol)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(
+                self._sweep(), name="idle-sweeper"
             )
-            return None
-        except (ssl.SSLError, OSError, TimeoutError) as exc:
-            log.info("conn=%s TLS handshake failed: %r", session.conn_id, exc)
-            return None
-        session.tls_started(stream.tls)
-        return new
+
+    def _release(self, protocol: _SmtpProtocol, ip: str | None) -> None:
+        self._active.discard(protocol)
+        if ip is not None:
+            self._per_ip[ip] -= 1
+            if self._per_ip[ip] <= 0:
+                del self._per_ip[ip]
 
     async def _sweep(self) -> None:
-        """Time out idle connections whose read deadline passed (RFC 5321 §4.5.3.2)."""
+        """Time out connections idle past their read deadline (RFC 5321 §4.5.3.2): one timer
+        for all of them rather than one per read."""
         loop = asyncio.get_running_loop()
         interval = max(
             0.05, min(1.0, self.limits.command_timeout / 4, self.limits.data_timeout / 4)
@@ -276,10 +176,9 @@ class SmtpServer:
         while True:
             await asyncio.sleep(interval)
             now = loop.time()
-            for task, state in list(self._active.items()):
-                if state.idle and not state.timed_out and now > state.deadline:
-                    state.timed_out = True
-                    task.cancel()
+            for protocol in list(self._active):
+                if protocol.waiting and now > protocol.deadline:
+                    protocol.time_out()
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting; idle sessions get 421 now, busy ones after their current command."""
@@ -288,33 +187,326 @@ class SmtpServer:
             self._sweeper.cancel()
         for server in self._servers:
             server.close()
-        for task, state in list(self._active.items()):
-            if state.idle:
-                task.cancel()
+        for protocol in list(self._active):
+            if protocol.waiting:
+                protocol.refuse(R.SHUTTING_DOWN)
         if self._active:
-            _, pending = await asyncio.wait(list(self._active), timeout=grace)
-            for task in pending:
-                task.cancel()
+            waits = [asyncio.ensure_future(p.wait_closed()) for p in self._active]
+            _, pending = await asyncio.wait(waits, timeout=grace)
+            for wait in pending:
+                wait.cancel()
+            for protocol in list(self._active):
+                protocol.abort()
         for server in self._servers:
             await server.wait_closed()
 
 
-@dataclass
-class _Conn:
-    session: Session
-    watched: bool = False  # registered with the idle sweeper
-    idle: bool = False
-    deadline: float = 0.0  # loop time after which an idle read times out
-    timed_out: bool = False
+class _SmtpProtocol(asyncio.Protocol):
+    """One SMTP connection on the server side; see the module docstring."""
 
+    def __init__(
+        self,
+        server: SmtpServer,
+        kind: str,
+        *,
+        session: Session | None = None,
+        conn: smtp.Connection | None = None,
+    ) -> None:
+        self.server = server
+        self.kind = kind
+        self.session = session
+        self.conn = conn
+        self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_running_loop()
+        self.deadline = 0.0  # loop time after which waiting for the client times out
+        self._ip: str | None = None  # counted against the per-IP limit
+        self._out: list[bytes] = []
+        self._task: asyncio.Task[None] | None = None  # a command (or hand-off) in progress
+        self._paused_writing = False
+        self._paused_reading = False
+        self._done = False
+        self._closed: asyncio.Future[None] | None = None  # made only when someone waits
+        self._trace = tracing()
 
-async def _refuse(stream: Stream, reply: Reply) -> None:
-    try:
-        stream.write(reply.to_bytes())
-        await stream.flush(timeout=5.0)
-    except (OSError, TimeoutError):
-        pass
-    await stream.close()
+    @property
+    def waiting(self) -> bool:
+        """Waiting for the client (no command of ours in progress): the read timeout runs."""
+        return self._task is None and not self._done
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses; they have the same methods
+        self.transport = t = cast(asyncio.Transport, transport)
+        server = self.server
+        if self.session is None:  # a connection accepted by a listener
+            ip = str((t.get_extra_info("peername") or ("",))[0])
+            conn_id = server.next_conn_id()
+            refusal = server._admit(self, ip, conn_id)
+            if refusal is not None:
+                self._write(refusal.to_bytes())
+                self._finish()
+                return
+            self._ip = ip
+            tls = None
+            if t.get_extra_info("sslcontext") is not None:
+                tls = tlsmod.describe(t.get_extra_info("ssl_object"))
+            self.session = Session(server.ctx, self.kind, ip, conn_id, tls=tls)
+        else:
+            server._enlist(self)
+        session = self.session
+        if self.conn is None:
+            self.conn = smtp.Connection(
+                smtp.SERVER, server.ctx.limits, extensions=session.extensions()
+            )
+        self._write(self.conn.send(session.greeting()))
+        maillog.detail("connect", conn=session.conn_id, ip=session.peer_ip, listener=self.kind)
+        self._wait_for_client()
+
+    def data_received(self, data: bytes) -> None:
+        if self._done:
+            return
+        if self._trace:
+            trace("server", "C", data)
+        conn = self.conn
+        assert conn is not None
+        conn.receive_data(data)
+        if self._task is None and not self._paused_writing:
+            self._pump()
+        elif not self._paused_reading and len(conn.trailing_data[0]) > BUFFER_LIMIT:
+            self._paused_reading = True  # back-pressure until the command in progress ends
+            assert self.transport is not None
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool | None:
+        if not self._done and self.conn is not None:
+            self.conn.receive_data(b"")
+            if self._task is None:
+                self._pump()
+        # Keep a plain TCP connection open for our last replies (a client may half-close after
+        # QUIT); a TLS transport cannot stay half-open.
+        t = self.transport
+        return t is not None and t.get_extra_info("sslcontext") is None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._done = True
+        self._release()
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        if self._task is None and not self._done:
+            self._pump()
+
+    # -- the pump ---------------------------------------------------------------------------
+    def _pump(self) -> None:
+        """Run the core on what has arrived; answer until it needs more input or a command
+        must wait."""
+        conn, session = self.conn, self.session
+        assert conn is not None and session is not None
+        try:
+            while not self._paused_writing:
+                try:
+                    event = conn.next_event()
+                except smtp.RemoteProtocolError as err:
+                    if self._protocol_error(conn, session, err):
+                        return
+                    continue
+                if event is smtp.NEED_DATA:
+                    break
+                if isinstance(event, smtp.BodyChunk):
+                    session.body_chunk(event.data)
+                    continue
+                if isinstance(event, (smtp.ConnectionClosed, smtp.Turned, smtp.Reply)):
+                    self._finish()
+                    return
+                reply = session.respond(conn, event)
+                if reply is None:  # it waits for the store: the rest of the input waits too
+                    self._flush()
+                    self._task = self.loop.create_task(self._command(conn, session, event))
+                    return
+                if self._answer(conn, reply):
+                    return
+        except Exception:  # a bug of ours: say so to the peer rather than vanish
+            log.exception("conn=%s failed", session.conn_id)
+            self.refuse(LOCAL_ERROR)
+            return
+        self._wait_for_client()
+
+    async def _command(self, conn: smtp.Connection, session: Session, event: Any) -> None:
+        reply = await session.handle(conn, event)
+        self._task = None
+        if self._done:
+            return
+        try:
+            if self._answer(conn, reply):
+                return
+        except Exception:
+            log.exception("conn=%s failed", session.conn_id)
+            self.refuse(LOCAL_ERROR)
+            return
+        self._pump()
+
+    def _answer(self, conn: smtp.Connection, reply: Reply) -> bool:
+        """Queue the reply; True when the conversation cannot go on in this pump (TLS, TURN,
+        QUIT, shutdown)."""
+        self._write(conn.send(reply))
+        state = conn.state
+        if state is smtp.State.TLS_PENDING:
+            self._flush()
+            self._task = self.loop.create_task(self._start_tls(conn))
+            return True
+        if state is smtp.State.TURNED:
+            self._flush()
+            self._task = self.loop.create_task(self._turn(conn))
+            return True
+        if state is smtp.State.CLOSED:
+            self._finish()
+            return True
+        if self.server.stopping:
+            self.refuse(R.SHUTTING_DOWN)
+            return True
+        return False
+
+    def _protocol_error(
+        self, conn: smtp.Connection, session: Session, err: smtp.RemoteProtocolError
+    ) -> bool:
+        """Answer a line the core refused; True when the connection ends."""
+        hint = err.reply_hint or R.BAD_SEQUENCE
+        session.protocol_error(conn)
+        if err.fatal or session.errors >= self.server.ctx.max_errors:
+            self.refuse(hint if err.fatal else R.TOO_MANY_ERRORS)
+            return True
+        self._write(conn.send(hint))
+        return False
+
+    def _wait_for_client(self) -> None:
+        """Flush the replies; the read deadline starts now."""
+        self._flush()
+        conn = self.conn
+        assert conn is not None
+        limits = self.server.limits
+        in_data = conn.state is smtp.State.DATA or conn.state is smtp.State.BDAT
+        self.deadline = self.loop.time() + (
+            limits.data_timeout if in_data else limits.command_timeout
+        )
+        if self._paused_reading and len(conn.trailing_data[0]) <= BUFFER_LIMIT:
+            self._paused_reading = False
+            assert self.transport is not None
+            self.transport.resume_reading()
+
+    # -- STARTTLS and TURN ------------------------------------------------------------------
+    async def _start_tls(self, conn: smtp.Connection) -> None:
+        session, transport = self.session, self.transport
+        assert session is not None and transport is not None
+        try:
+            new = conn.start_tls()  # raises if plaintext was pipelined after STARTTLS
+        except smtp.RemoteProtocolError as err:
+            self.refuse(err.reply_hint or R.PIPELINED_STARTTLS)
+            return
+        context = self.server.tls_context
+        assert context is not None
+        # Whatever arrives from now on comes over TLS (the handshake takes the raw bytes), and
+        # may arrive before the handshake's waiter wakes us: it goes to the new connection.
+        self.conn = new
+        try:
+            upgraded = await self.loop.start_tls(
+                transport,
+                self,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=self.server.handshake_timeout,
+            )
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            # Bytes sent after our 220 that are no TLS handshake end here, never as commands
+            # (RFC 3207 §4.2, CVE-2011-0411).
+            log.info("conn=%s TLS handshake failed: %r", session.conn_id, exc)
+            self.abort()
+            return
+        if upgraded is None or self._done:
+            self.abort()
+            return
+        self.transport = upgraded
+        session.tls_started(tlsmod.describe(upgraded.get_extra_info("ssl_object")))
+        self._task = None
+        self._pump()
+
+    async def _turn(self, conn: smtp.Connection) -> None:
+        """After our 250 to TURN/ATRN the relay code is the client on this connection."""
+        session, transport = self.session, self.transport
+        assert session is not None and transport is not None
+        handler = self.server.on_turn
+        if handler is None:
+            self._finish()
+            return
+        stream = adopt(transport, label="client")
+        self._done = True  # the transport's events go to the stream from now on
+        try:
+            await handler(session, stream, conn.turned())
+        except Exception:
+            log.exception("conn=%s hand-off failed", session.conn_id)
+        finally:
+            await stream.close()
+            self._release()
+
+    # -- output and the end -----------------------------------------------------------------
+    def _write(self, data: bytes) -> None:
+        self._out.append(data)
+        if self._trace:
+            trace("server", "S", data)
+
+    def _flush(self) -> None:
+        out = self._out
+        if out:
+            t = self.transport
+            if t is not None and not t.is_closing():
+                t.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
+    def refuse(self, reply: Reply) -> None:
+        """Send `reply` (a 421 or a fatal 5xx) and close."""
+        self._write(reply.to_bytes())
+        self._finish()
+
+    def time_out(self) -> None:
+        """RFC 5321 §4.5.3.2: the client has been silent too long."""
+        if self._paused_writing:  # it does not even read our replies
+            self.abort()
+        else:
+            self.refuse(R.TIMEOUT)
+
+    def _finish(self) -> None:
+        """Flush and close (plain TCP at once; TLS after its close_notify). A command still in
+        progress finishes on its own (a letter being committed is never cut off); its reply
+        goes nowhere."""
+        self._flush()
+        self._done = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self._out.clear()
+        self._done = True
+        if self.transport is not None:
+            self.transport.abort()
+        self._release()
+
+    def _release(self) -> None:
+        """The connection is over: out of the limits, the session's close hooks run once."""
+        if self in self.server._active:
+            self.server._release(self, self._ip)
+            if self.session is not None:
+                self.session.closed()
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+
+    async def wait_closed(self) -> None:
+        if self not in self.server._active:
+            return
+        if self._closed is None:
+            self._closed = self.loop.create_future()
+        await self._closed
 
 
 def split_address(address: str) -> tuple[str, int]:

@@ -177,9 +177,8 @@ class RelayService:
             self._busy.difference_update(domains)
             return reply
         self._handovers[session.conn_id] = _Handover(owner, domains, claims)
-        task = asyncio.current_task()
-        if task is not None:  # the connection ends without a hand-over: give everything back
-            task.add_done_callback(lambda _t: self._abandon(session.conn_id))
+        # the connection ends without a hand-over: give everything back
+        session.on_close(lambda: self._abandon(session.conn_id))
         maillog.event(
             "relay-turn",
             conn=session.conn_id,

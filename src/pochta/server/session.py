@@ -143,6 +143,7 @@ class Session:
         self.errors = 0
         self._sasl: sasl.SaslServer | None = None
         self._sasl_done: User | None = None
+        self._on_close: list[Callable[[], None]] = []
 
     # -- the listener's view ------------------------------------------------------------------
     @property
@@ -177,35 +178,55 @@ class Session:
         if conn.state in (smtp.State.READY, smtp.State.INIT):
             self.tx = None
 
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Run `callback` when the connection ends (the listener calls `closed()`)."""
+        self._on_close.append(callback)
+
+    def closed(self) -> None:
+        callbacks, self._on_close = self._on_close, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("conn=%s close hook failed", self.conn_id)
+
     # -- commands -----------------------------------------------------------------------------
+    def respond(self, conn: smtp.Connection, event: smtp.Command) -> Reply | None:
+        """The reply to a command that needs no store and no wait, or None when it does (then
+        `await handle()`). Lets the listener answer most commands without a task."""
+        try:
+            return self._respond(event)
+        except Exception:  # a bug of ours: a clear 451 and a log entry, never a silent drop
+            return self._local_error(event)
+
     async def handle(self, conn: smtp.Connection, event: smtp.Command) -> Reply:
         """The reply to one command; policy and store errors become 4xx/5xx replies."""
         try:
-            return await self._dispatch(conn, event)
+            reply = self._respond(event)
+            return reply if reply is not None else await self._dispatch(conn, event)
         except StoreUnavailable:
             log.warning("conn=%s store unavailable", self.conn_id)
             return STORE_BUSY
         except Exception:  # a bug of ours: a clear 451 and a log entry, never a silent drop
-            log.exception("conn=%s error handling %s", self.conn_id, type(event).__name__)
-            return STORE_BUSY.with_text(f"Local error (conn {self.conn_id})")
+            return self._local_error(event)
 
-    async def _dispatch(self, conn: smtp.Connection, event: smtp.Command) -> Reply:
+    def _local_error(self, event: smtp.Command) -> Reply:
+        log.exception("conn=%s error handling %s", self.conn_id, type(event).__name__)
+        return STORE_BUSY.with_text(f"Local error (conn {self.conn_id})")
+
+    def _respond(self, event: smtp.Command) -> Reply | None:
         match event:
+            case smtp.RcptTo() | smtp.EndOfData():
+                return None
             case smtp.Ehlo(domain):
                 return self._ehlo(domain, esmtp=True)
             case smtp.Helo(domain):
                 return self._ehlo(domain, esmtp=False)
             case smtp.MailFrom():
-                return await self._mail(event)
-            case smtp.RcptTo(path):
-                return await self._rcpt(path)
+                return self._mail_now(event)
             case smtp.Data():
                 return R.START_INPUT
-            case smtp.EndOfData():
-                return await self._end_of_data(conn)
-            case smtp.Bdat(size, last):
-                if last:
-                    return await self._end_of_data(conn)
+            case smtp.Bdat(size, last) if not last:
                 return Reply(250, "2.0.0", f"{size} octets received")
             case smtp.Rset():
                 self.tx = None
@@ -222,6 +243,17 @@ class Session:
                 return HELP
             case smtp.StartTLS():
                 return R.READY_FOR_TLS if self.ctx.tls_available else TLS_UNAVAILABLE
+        return None
+
+    async def _dispatch(self, conn: smtp.Connection, event: smtp.Command) -> Reply:
+        """The commands that wait for the store, a password check or the relay."""
+        match event:
+            case smtp.MailFrom():
+                return await self._mail(event)
+            case smtp.RcptTo(path):
+                return await self._rcpt(path)
+            case smtp.EndOfData() | smtp.Bdat():
+                return await self._end_of_data(conn)
             case smtp.Auth(mechanism, initial):
                 return await self._auth_start(mechanism, initial)
             case smtp.AuthResponse():
@@ -255,23 +287,30 @@ class Session:
         return Reply(250, "", "\n".join(lines))
 
     # -- the transaction ----------------------------------------------------------------------
-    async def _mail(self, event: smtp.MailFrom) -> Reply:
+    def _mail_now(self, event: smtp.MailFrom) -> Reply | None:
+        """MAIL, unless the sender check needs the store (submission: None)."""
         if "AUTH" in event.params and not self.auth_offered():
             # RFC 4954 §5 defines AUTH= for servers that advertise AUTH; RFC 5321 §4.1.1.11:
             # a parameter of an extension not advertised is refused with 555
             return R.PARAMETER_NO_EXT
         if self.submission:
-            if self.user is None:
-                return AUTH_REQUIRED  # RFC 6409 §4.3, RFC 4954 §6
-            if not await self._owns(event.path.address):
-                maillog.event(
-                    "rejected",
-                    conn=self.conn_id,
-                    ip=self.peer_ip,
-                    reason="sender not owned",
-                    sender=event.path.address,
-                )
-                return NOT_YOUR_ADDRESS
+            return AUTH_REQUIRED if self.user is None else None  # RFC 6409 §4.3, RFC 4954 §6
+        return self._begin(event)
+
+    async def _mail(self, event: smtp.MailFrom) -> Reply:
+        """MAIL from an authenticated user: the sender must be one of theirs (RFC 6409 §4.3)."""
+        if not await self._owns(event.path.address):
+            maillog.event(
+                "rejected",
+                conn=self.conn_id,
+                ip=self.peer_ip,
+                reason="sender not owned",
+                sender=event.path.address,
+            )
+            return NOT_YOUR_ADDRESS
+        return self._begin(event)
+
+    def _begin(self, event: smtp.MailFrom) -> Reply:
         self.tx = Transaction(event)
         return R.SENDER_OK
 
