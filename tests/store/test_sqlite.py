@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pochta.errors import StoreUnavailable
+from pochta.errors import NotFound, StoreUnavailable
 from pochta.store import sqlite as sqlite_engine
 from pochta.store._common import load_migrations
 from pochta.store.api import Target
@@ -34,6 +34,29 @@ async def test_concurrent_delivers_share_commits(tmp_path: Path) -> None:
         used = store.commits - before
         assert len({r.message_ids[0] for r in results}) == 200
         assert 1 <= used < 200, f"{used} commits for 200 deliveries: no group commit"
+    finally:
+        await store.close()
+
+
+async def test_a_failing_write_in_a_group_commit_fails_alone(tmp_path: Path) -> None:
+    store = await _opened(tmp_path / "mail.db")
+    try:
+        mail = letter(targets=[Target("bob@example.test")])
+        lost = letter(targets=[Target("nobody@example.test")])  # no such mailbox
+        before = store.commits
+        results = await asyncio.gather(
+            *(store.deliver(mail) for _ in range(5)),
+            store.deliver(lost),
+            *(store.deliver(mail) for _ in range(5)),
+            return_exceptions=True,
+        )
+        assert isinstance(results[5], NotFound)
+        delivered = [r for i, r in enumerate(results) if i != 5]
+        assert all(not isinstance(r, BaseException) for r in delivered), delivered
+        assert len(await store.list_messages("bob@example.test")) == 10
+        assert store.commits - before >= 2  # the batch was rolled back and run again
+        again = await store.deliver(mail)  # and the writer goes on batching
+        assert again.message_ids
     finally:
         await store.close()
 

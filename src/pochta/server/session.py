@@ -328,20 +328,18 @@ class Session:
         address = normalize_address(path.address)
         if not path.domain:  # RFC 5321 §4.1.1.3: <postmaster> means this host's postmaster
             address = await self._local_postmaster()
-        domain = domain_of(address)
-        if await store.hosts_domain(domain):
-            user = await store.resolve(address)
-            if user is None:
-                maillog.event(
-                    "rejected",
-                    conn=self.conn_id,
-                    ip=self.peer_ip,
-                    reason="unknown user",
-                    rcpt=address,
-                )
-                return USER_UNKNOWN
+        # A user or alias exists only in a hosted domain (the schema cascades): one lookup for
+        # the usual recipient, the domain's only for an address that is not ours.
+        user = await store.resolve(address)
+        if user is not None:
             tx.targets.setdefault(user, address)
             return R.RECIPIENT_OK
+        domain = domain_of(address)
+        if await store.hosts_domain(domain):
+            maillog.event(
+                "rejected", conn=self.conn_id, ip=self.peer_ip, reason="unknown user", rcpt=address
+            )
+            return USER_UNKNOWN
         if self.user is not None or await self._held(domain):
             if address not in tx.outbound:
                 tx.outbound.append(address)

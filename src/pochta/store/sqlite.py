@@ -3,9 +3,11 @@
 Durability and concurrency:
 - WAL journal, `synchronous=FULL` (every COMMIT fsyncs the WAL), foreign keys on, busy timeout.
 - Every write goes through ONE writer connection doing group commit (`_Writer`): it takes all
-  queued write requests, runs each in its own SAVEPOINT inside one `BEGIN IMMEDIATE ... COMMIT`
-  (a failing request rolls back to its savepoint and gets its exception, the others still
-  commit) and resolves the callers' futures only after COMMIT returned. The statements of a
+  queued write requests, runs them inside one `BEGIN IMMEDIATE ... COMMIT` and resolves the
+  callers' futures only after COMMIT returned. When one request of a batch fails, the batch is
+  rolled back and its requests run again one per transaction, so the failing one fails alone
+  (a savepoint per request cost two statements per letter for a case that almost never
+  happens). The statements of a
   batch run on the event loop thread, the fsyncing COMMIT on a commit thread (large letters
   entirely there). `commits` counts those COMMITs.
 - Reads run on a small pool of read-only connections in their own threads, one snapshot
@@ -141,6 +143,7 @@ class _Writer:
             target=self._run_jobs, name="pochta-sqlite-commit", daemon=True
         )
         self._pending: list[_Request] = []
+        self._alone = 0  # requests to run one per transaction (after a failed batch)
         self._busy = False
         self.loop = asyncio.get_running_loop()  # made on the loop that uses it (store.open)
         self._idle = asyncio.Event()
@@ -157,7 +160,10 @@ class _Writer:
             self.loop.call_soon(self._start)
 
     def _start(self) -> None:
-        batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+        size = MAX_BATCH
+        if self._alone:  # after a failed batch: one request per transaction
+            size, self._alone = 1, self._alone - 1
+        batch, self._pending = self._pending[:size], self._pending[size:]
         if not batch:
             self._finish()
             return
@@ -175,8 +181,14 @@ class _Writer:
             self._next()
             return
         self._lock_since = 0.0
-        results = self._execute(batch)
-        if results is None:
+        try:
+            results = _run_requests(self._conn, batch)
+        except _Isolate:
+            self._isolate(batch)
+            self._next()
+            return
+        if not self._conn.in_transaction:  # a lone request failed: rolled back, nothing to commit
+            self._resolve(results)
             self._next()
             return
         self._jobs.put((self._commit, lambda _, exc: self._settle_commit(results, exc)))
@@ -203,32 +215,6 @@ class _Writer:
         loop.call_later(0.0003, self._start)
         return True
 
-    def _execute(self, batch: list[_Request]) -> list[_Result] | None:
-        """Run the batch's statements inside the open transaction; None if it had to be
-        rolled back as a whole (every request then failed)."""
-        conn = self._conn
-        if len(batch) == 1:  # alone in its transaction: no savepoint needed to isolate it
-            try:
-                return [(batch[0], batch[0].fn(conn), None)]
-            except Exception as exc:
-                self._rollback()
-                _settle(batch[0].future, None, _translate(exc))
-                return None
-        results: list[_Result] = []
-        for request in batch:
-            try:
-                conn.execute("SAVEPOINT request")
-                value = request.fn(conn)
-                conn.execute("RELEASE request")
-                results.append((request, value, None))
-            except Exception as exc:
-                if not _undo_request(conn):
-                    self._rollback()
-                    self._fail(batch, exc)
-                    return None
-                results.append((request, None, _translate(exc)))
-        return results
-
     def _commit(self) -> None:
         """On the commit thread: with synchronous=FULL, COMMIT returns after the fsync."""
         try:
@@ -248,30 +234,17 @@ class _Writer:
                 if not _is_busy(exc) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.0003)
-        results = self._execute_threaded(batch)
-        if results is not None:
+        results = _run_requests(self._conn, batch)
+        if self._conn.in_transaction:
             self._commit()
         return results
-
-    def _execute_threaded(self, batch: list[_Request]) -> list[_Result] | None:
-        outcome: list[_Result] = []
-        for request in batch:
-            try:
-                self._conn.execute("SAVEPOINT request")
-                value = request.fn(self._conn)
-                self._conn.execute("RELEASE request")
-                outcome.append((request, value, None))
-            except Exception as exc:
-                if not _undo_request(self._conn):
-                    self._rollback()
-                    raise
-                outcome.append((request, None, _translate(exc)))
-        return outcome
 
     def _settle(
         self, batch: list[_Request], results: list[_Result] | None, exc: BaseException | None
     ) -> None:
-        if exc is not None:
+        if isinstance(exc, _Isolate):
+            self._isolate(batch)
+        elif exc is not None:
             self._fail(batch, exc)
         elif results is not None:
             self.commits += 1
@@ -285,6 +258,12 @@ class _Writer:
             self.commits += 1
             self._resolve(results)
         self._next()
+
+    def _isolate(self, batch: list[_Request]) -> None:
+        """A request of `batch` failed and the batch was rolled back: run its requests again,
+        one per transaction."""
+        self._pending[:0] = batch
+        self._alone = len(batch)
 
     @staticmethod
     def _resolve(results: list[_Result]) -> None:
@@ -328,13 +307,26 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
-def _undo_request(conn: Conn) -> bool:
-    try:
-        conn.execute("ROLLBACK TO request")
-        conn.execute("RELEASE request")
-        return True
-    except sqlite3.Error:
-        return False
+class _Isolate(Exception):
+    """A request of a batch failed; the batch was rolled back (to run one request at a time)."""
+
+
+def _run_requests(conn: Conn, batch: list[_Request]) -> list[_Result]:
+    """Run the batch's requests in the open transaction. A lone request that fails is rolled
+    back and gets its error; a failure in a larger batch rolls it back and raises _Isolate."""
+    results: list[_Result] = []
+    for request in batch:
+        try:
+            value = request.fn(conn)
+        except Exception as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            if len(batch) > 1:
+                raise _Isolate() from exc
+            return [(request, None, _translate(exc))]
+        results.append((request, value, None))
+    return results
 
 
 # -- read connections ---------------------------------------------------------------------------
