@@ -75,7 +75,15 @@ class SmtpServer:
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}"
         self._sweeper: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.stopping = False
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the listeners run on (asked once)."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     async def listen(
         self, kind: str, address: str, *, sock: socket.socket | None = None
@@ -91,7 +99,7 @@ class SmtpServer:
             if sock is not None
             else {"host": host, "port": port, "reuse_address": True}
         )
-        server = await asyncio.get_running_loop().create_server(
+        server = await self.loop.create_server(
             lambda: self.protocol(kind),
             ssl=implicit,
             backlog=LISTEN_BACKLOG,
@@ -155,9 +163,7 @@ class SmtpServer:
     def _enlist(self, protocol: _SmtpProtocol) -> None:
         self._active.add(protocol)
         if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().create_task(
-                self._sweep(), name="idle-sweeper"
-            )
+            self._sweeper = self.loop.create_task(self._sweep(), name="idle-sweeper")
 
     def _release(self, protocol: _SmtpProtocol, ip: str | None) -> None:
         self._active.discard(protocol)
@@ -217,7 +223,7 @@ class _SmtpProtocol(asyncio.Protocol):
         self.session = session
         self.conn = conn
         self.transport: asyncio.Transport | None = None
-        self.loop = asyncio.get_running_loop()
+        self.loop = server.loop  # Python 3.11's get_running_loop() is a getpid() system call
         self.deadline = 0.0  # loop time after which waiting for the client times out
         self._ip: str | None = None  # counted against the per-IP limit
         self._out: list[bytes] = []

@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Protocol, cast
 
 from pochta import log as maillog
 from pochta import smtp
@@ -215,17 +215,18 @@ class Session:
         return STORE_BUSY.with_text(f"Local error (conn {self.conn_id})")
 
     def _respond(self, event: smtp.Command) -> Reply | None:
+        kind = type(event)  # events are final classes; the commands of a letter come first
+        if kind is smtp.RcptTo or kind is smtp.EndOfData:
+            return None
+        if kind is smtp.MailFrom:
+            return self._mail_now(cast(smtp.MailFrom, event))
+        if kind is smtp.Data:
+            return R.START_INPUT
+        if kind is smtp.Ehlo or kind is smtp.Helo:
+            return self._ehlo(cast(smtp.Ehlo, event).domain, esmtp=kind is smtp.Ehlo)
+        if kind is smtp.Quit:
+            return Reply(221, "2.0.0", f"{self.ctx.hostname} closing connection")
         match event:
-            case smtp.RcptTo() | smtp.EndOfData():
-                return None
-            case smtp.Ehlo(domain):
-                return self._ehlo(domain, esmtp=True)
-            case smtp.Helo(domain):
-                return self._ehlo(domain, esmtp=False)
-            case smtp.MailFrom():
-                return self._mail_now(event)
-            case smtp.Data():
-                return R.START_INPUT
             case smtp.Bdat(size, last) if not last:
                 return Reply(250, "2.0.0", f"{size} octets received")
             case smtp.Rset():
@@ -233,8 +234,6 @@ class Session:
                 return R.RESET_OK
             case smtp.Noop():
                 return R.NOOP_OK
-            case smtp.Quit():
-                return Reply(221, "2.0.0", f"{self.ctx.hostname} closing connection")
             case smtp.Vrfy():
                 return R.VRFY_CANNOT  # RFC 5321 §3.5.3: 252, no user enumeration
             case smtp.Expn():

@@ -19,6 +19,7 @@ import enum
 import re
 from collections import deque
 from dataclasses import dataclass
+from typing import cast
 
 from pochta.smtp import _replies as R
 from pochta.smtp._data import DotDecoder, DotEncoder
@@ -79,12 +80,12 @@ class Limits:
 
 # Commands a server accepts in each state; anything else gets the reply in _OUT_OF_SEQUENCE.
 _ANY = (Noop, Rset, Quit, Help, Vrfy, Expn, Ehlo, Helo)
-_ALLOWED: dict[State, tuple[type[Command], ...]] = {
-    State.INIT: _ANY,
-    State.READY: (*_ANY, MailFrom, StartTLS, Auth, Turn, Etrn, Atrn),
-    State.MAIL: (*_ANY, RcptTo),
-    State.RCPT: (*_ANY, RcptTo, Data, Bdat),
-    State.BDAT: (Noop, Rset, Quit, Bdat),
+_ALLOWED: dict[State, frozenset[type[Command]]] = {
+    State.INIT: frozenset(_ANY),
+    State.READY: frozenset((*_ANY, MailFrom, StartTLS, Auth, Turn, Etrn, Atrn)),
+    State.MAIL: frozenset((*_ANY, RcptTo)),
+    State.RCPT: frozenset((*_ANY, RcptTo, Data, Bdat)),
+    State.BDAT: frozenset((Noop, Rset, Quit, Bdat)),
 }
 
 
@@ -263,27 +264,27 @@ class Connection:
         return cmd
 
     def _check_sequence(self, cmd: Command) -> None:
-        if not isinstance(cmd, _ALLOWED.get(self.state, ())):
+        kind = type(cmd)
+        if kind not in _ALLOWED.get(self.state, ()):
             raise self._reject(_out_of_sequence(self.state, cmd), "out of sequence")
-        match cmd:
-            case StartTLS():
-                if self.tls:
-                    raise self._reject(R.ALREADY_TLS, "TLS twice")
-                if self._buf:  # RFC 3207 §4.2, CVE-2011-0411: nothing may follow STARTTLS
-                    self._buf = b""
-                    raise self._reject(R.PIPELINED_STARTTLS, "pipelined STARTTLS", fatal=True)
-            case Auth() if self.authenticated:
-                raise self._reject(R.ALREADY_AUTHENTICATED, "AUTH twice")
-            case MailFrom():
-                self._check_mail(cmd)
-            case RcptTo() if self._recipients >= self.limits.recipients:
+        if kind is MailFrom:
+            self._check_mail(cast(MailFrom, cmd))
+        elif kind is RcptTo:
+            if self._recipients >= self.limits.recipients:
                 raise self._reject(R.TOO_MANY_RECIPIENTS, "too many recipients")
-            case RcptTo() if not cmd.path.is_ascii and not (self._mail and self._mail.smtputf8):
+            if not cast(RcptTo, cmd).path.is_ascii and not (self._mail and self._mail.smtputf8):
                 raise self._reject(R.NON_ASCII_ADDRESS, "non-ASCII recipient")  # RFC 6531 §3.4
-            case Data() if self._mail is not None and self._mail.body == "BINARYMIME":
+        elif kind is Data:
+            if self._mail is not None and self._mail.body == "BINARYMIME":
                 raise self._reject(R.BAD_SEQUENCE, "BINARYMIME needs BDAT")  # RFC 3030 §3
-            case _:
-                pass
+        elif kind is StartTLS:
+            if self.tls:
+                raise self._reject(R.ALREADY_TLS, "TLS twice")
+            if self._buf:  # RFC 3207 §4.2, CVE-2011-0411: nothing may follow STARTTLS
+                self._buf = b""
+                raise self._reject(R.PIPELINED_STARTTLS, "pipelined STARTTLS", fatal=True)
+        elif kind is Auth and self.authenticated:
+            raise self._reject(R.ALREADY_AUTHENTICATED, "AUTH twice")
 
     def _check_mail(self, cmd: MailFrom) -> None:
         ext = self._in_force()
@@ -345,7 +346,7 @@ class Connection:
     def _bdat_refusal(self, cmd: Bdat) -> Reply | None:
         if "CHUNKING" not in self._in_force():
             return R.NOT_IMPLEMENTED
-        if not isinstance(cmd, _ALLOWED.get(self.state, ())):
+        if type(cmd) not in _ALLOWED.get(self.state, ()):
             return _out_of_sequence(self.state, cmd)
         return None
 
@@ -418,23 +419,30 @@ class Connection:
     def _apply(self, cmd: Command | None, reply: Reply) -> None:
         """Settle `cmd` with `reply` (both roles) and keep the transaction bookkeeping."""
         old = self.state
-        self.state = settle(old, cmd, reply, self.greeted)
-        if isinstance(cmd, (Ehlo, Helo)) and reply.positive:
-            self.greeted = True
-            self._esmtp = isinstance(cmd, Ehlo)
-        if isinstance(cmd, Auth) and reply.code == 235:
-            self.authenticated = True
-        if isinstance(cmd, MailFrom) and reply.positive:
-            self._mail = cmd
-        elif isinstance(cmd, RcptTo) and reply.positive:
-            self._recipients += 1
-        elif isinstance(cmd, Data) and reply.code == 354 and self.our_role is Role.SERVER:
-            max_size = self.limits.message_size - self._message_size
-            self._decoder = DotDecoder(max_size, self.limits.text_line)
-        elif isinstance(cmd, Data) and reply.code == 354:
-            self._encoder = DotEncoder()
-        ended = self.state in (State.READY, State.INIT) and old not in (State.READY, State.INIT)
-        if ended or (isinstance(cmd, (Ehlo, Helo, Rset)) and reply.positive):
+        code = reply.code
+        positive = 200 <= code < 300
+        self.state = new = settle(old, cmd, reply, self.greeted)
+        kind = type(cmd)  # events are final classes: compared by identity, once per reply
+        if positive:
+            if kind is Ehlo or kind is Helo:
+                self.greeted = True
+                self._esmtp = kind is Ehlo
+            elif kind is MailFrom:
+                self._mail = cast(MailFrom, cmd)
+            elif kind is RcptTo:
+                self._recipients += 1
+            elif kind is Auth and code == 235:
+                self.authenticated = True
+        elif kind is Data and code == 354:
+            if self.our_role is Role.SERVER:
+                max_size = self.limits.message_size - self._message_size
+                self._decoder = DotDecoder(max_size, self.limits.text_line)
+            else:
+                self._encoder = DotEncoder()
+        idle = new is State.READY or new is State.INIT
+        if (idle and not (old is State.READY or old is State.INIT)) or (
+            positive and (kind is Ehlo or kind is Helo or kind is Rset)
+        ):
             self._reset_transaction()
 
     def _reset_transaction(self) -> None:

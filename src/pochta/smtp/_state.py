@@ -20,6 +20,7 @@ move the state by themselves.
 from __future__ import annotations
 
 import enum
+from typing import cast
 
 from pochta.smtp._events import (
     Atrn,
@@ -58,6 +59,10 @@ SERVER = Role.SERVER
 
 
 class State(enum.Enum):
+    # Members are singletons: hash them by identity (Enum's own __hash__ is Python code, and
+    # the core looks states up in dicts on every command).
+    __hash__ = object.__hash__
+
     START = "start"  # waiting for the greeting
     INIT = "init"  # greeted (or TLS just started): EHLO/HELO needed
     READY = "ready"  # no transaction
@@ -106,20 +111,25 @@ _TABLE: dict[type[Command], tuple[State | None, State | None]] = {
 
 def settle(state: State, cmd: Command | None, reply: Reply, greeted: bool) -> State:
     """The state after `reply` answers `cmd` in `state` (None: a rejected, unparsable line)."""
-    if reply.code == 421:  # RFC 5321 §3.8: the server closes
+    code = reply.code
+    if code == 421:  # RFC 5321 §3.8: the server closes
         return State.CLOSED
     if cmd is None:
         return state
-    if isinstance(cmd, Data):
-        return State.DATA if reply.code == 354 else state
-    if isinstance(cmd, Auth) and reply.code == 334:
+    kind = type(cmd)  # events are final classes
+    positive = 200 <= code < 300
+    if kind is Data:
+        return State.DATA if code == 354 else state
+    if kind is Auth and code == 334:
         return State.AUTH
-    if isinstance(cmd, Bdat):
-        if not reply.positive:
+    if kind is Bdat:
+        if not positive:
             return State.READY  # RFC 3030 §2: a failed chunk ends the transaction
-        return State.READY if cmd.last else State.BDAT
-    if isinstance(cmd, Rset):
-        return (State.READY if greeted else State.INIT) if reply.positive else state
-    positive, negative = _TABLE.get(type(cmd), (None, None))
-    new = positive if reply.positive else negative
+        return State.READY if cast(Bdat, cmd).last else State.BDAT
+    if kind is Rset:
+        return (State.READY if greeted else State.INIT) if positive else state
+    after = _TABLE.get(kind)
+    if after is None:
+        return state
+    new = after[0] if positive else after[1]
     return state if new is None else new
