@@ -2,7 +2,7 @@
 core, the session policy, the Received: and summary headers, the mail log and the SQLite store
 (every letter committed, as in `pochta serve`), driven in one process by scripted clients.
 
-    .venv/bin/python bench/inprocess.py --letters 5000 --sessions 5 [--profile]
+    .venv/bin/python bench/inprocess.py --letters 5000 --sessions 5 [--size 1024] [--profile]
 
 What it leaves out is the kernel (sockets, epoll) and the load client, so it moves only when our
 Python moves: a steadier guide for the hot path than a full run on a shared machine, where
@@ -30,10 +30,16 @@ from pochta.server.listener import ServerLimits, SmtpServer
 from pochta.server.session import ServerContext
 from pochta.store import open_store
 
-BODY = (
+HEAD = (
     b"From: <u1@bench.test>\r\nTo: <u1@bench.test>\r\nSubject: bench\r\n"
-    b"Message-ID: <bench@client.test>\r\n\r\n" + b"x" * 70 + b"\r\n"
-) * 12
+    b"Message-ID: <bench@client.test>\r\n\r\n"
+)
+
+
+def body(size: int) -> bytes:
+    """A letter of about `size` octets: the header block, then 72-octet lines."""
+    line = b"x" * 70 + b"\r\n"
+    return HEAD + line * max(1, (size - len(HEAD)) // len(line))
 
 
 class _Transport:
@@ -69,14 +75,14 @@ class _Transport:
         pass
 
 
-async def _client(server: SmtpServer, letters: int) -> None:
+async def _client(server: SmtpServer, letters: int, size: int) -> None:
     """A non-pipelining client: one command, then wait for its reply, like smtp-source."""
     lines = [
         b"EHLO client.test\r\n",
         b"MAIL FROM:<u1@bench.test>\r\n",
         b"RCPT TO:<u1@bench.test>\r\n",
         b"DATA\r\n",
-        BODY + b".\r\n",
+        body(size) + b".\r\n",
         b"QUIT\r\n",
     ]
     loop = asyncio.get_running_loop()
@@ -95,7 +101,7 @@ async def _client(server: SmtpServer, letters: int) -> None:
         protocol.connection_lost(None)
 
 
-async def run(letters: int, sessions: int, profile: bool) -> None:
+async def run(letters: int, sessions: int, size: int, profile: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = open_store(f"sqlite:///{tmp}/pochta.db")
         await store.open()
@@ -103,12 +109,13 @@ async def run(letters: int, sessions: int, profile: bool) -> None:
         await store.add_user("u1@bench.test", "unused-hash")
         ctx = ServerContext(store=store, hostname="mx.bench.test", limits=smtp.Limits())
         server = SmtpServer(ctx, ServerLimits(connections_per_ip=sessions + 1), None)
-        await asyncio.gather(*(_client(server, 20) for _ in range(sessions)))  # warm up
+        await asyncio.gather(*(_client(server, 20, size) for _ in range(sessions)))  # warm up
         profiler = cProfile.Profile() if profile else None
         cpu, wall = time.process_time(), time.perf_counter()
         if profiler:
             profiler.enable()
-        await asyncio.gather(*(_client(server, letters // sessions) for _ in range(sessions)))
+        each = letters // sessions
+        await asyncio.gather(*(_client(server, each, size) for _ in range(sessions)))
         if profiler:
             profiler.disable()
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
@@ -117,7 +124,8 @@ async def run(letters: int, sessions: int, profile: bool) -> None:
         await server.stop(grace=1)
         await store.close()
     print(
-        f"{done} letters, {sessions} sessions: {1e6 * cpu / done:.0f} us CPU per letter"
+        f"{done} letters of {size} octets, {sessions} sessions: {1e6 * cpu / done:.0f} us CPU"
+        " per letter"
         f" ({1e6 * wall / done:.0f} us wall), {stored} stored"
     )
     if profiler:
@@ -128,6 +136,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--letters", type=int, default=5000)
     parser.add_argument("--sessions", type=int, default=5)
+    parser.add_argument("--size", type=int, default=1024, help="octets per letter")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     maillog.setup("info")
@@ -135,9 +144,9 @@ def main() -> None:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(run(args.letters, args.sessions, args.profile))
+        asyncio.run(run(args.letters, args.sessions, args.size, args.profile))
     else:
-        uvloop.run(run(args.letters, args.sessions, args.profile))
+        uvloop.run(run(args.letters, args.sessions, args.size, args.profile))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import pytest
 
 from pochta import smtp
 from pochta.smtp import replies as R
+from pochta.smtp._data import DotDecoder
 from pochta.testing.pair import QUEUED, ConnectionPair, body_of, commands_of, hints
 
 SENDER = smtp.MailFrom(smtp.path_of("a@example.org"))
@@ -359,8 +360,12 @@ def test_overlong_command_ending_in_cr_at_a_boundary_is_one_line_too_long() -> N
     "lengths", [[0], [998], [999], [497, 999], [998, 998, 1], [500] * 9, [2000]]
 )
 def test_long_line_check_matches_the_exact_rule(lengths: list[int]) -> None:
-    """The windowed pre-check gives the same verdict as measuring every line."""
-    from pochta.smtp._data import _has_long_line
-
-    chunk = b"\r\n".join(b"y" * n for n in lengths) + b"\r\n"
-    assert _has_long_line(chunk, 1000) == (max(lengths) + 2 > 1000)
+    """A body is flagged exactly when one of its lines is over 1000 octets with its CRLF."""
+    body = b"\r\n".join(b"y" * n for n in lengths) + b"\r\n"
+    for pieces in ([body], [body[i : i + 700] for i in range(0, len(body), 700)]):
+        decoder = DotDecoder(1 << 20, 1000)
+        for piece in pieces:
+            decoder.feed(piece)
+        assert decoder.feed(b".\r\n")[1]
+        assert decoder.flags.long_line == (max(lengths) + 2 > 1000), (lengths, len(pieces))
+        assert not decoder.flags.bare_line_end

@@ -281,6 +281,9 @@ def test_any_reply_reaches_the_client_unchanged(reply: smtp.Reply, cuts: list[in
     for piece in split(reply.to_bytes(), cuts):
         conn.receive_data(piece)
         while (event := conn.next_event()) is not smtp.NEED_DATA:
+            if isinstance(event, smtp.ConnectionClosed):  # after a 421 (RFC 5321 §3.8)
+                break
             events.append(event)
     assert events == [reply]
     assert conn.answered == smtp.Noop()
+    assert (conn.state is smtp.State.CLOSED) == (reply.code == 421)
