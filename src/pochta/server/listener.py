@@ -146,6 +146,8 @@ class SmtpServer:
         elif pipe.lost or stream.transport.is_closing():
             protocol.connection_lost(pipe.error if isinstance(pipe.error, Exception) else None)
         await protocol.wait_closed()
+        # The connection's end went to the protocol: the stream must not wait for it again.
+        pipe.eof = pipe.lost = True
 
     def _admit(self, protocol: _SmtpProtocol, ip: str, conn_id: str) -> Reply | None:
         """Count a new connection in; the refusal to send when a limit is reached."""
