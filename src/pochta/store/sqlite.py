@@ -160,15 +160,16 @@ class _Writer:
             self.loop.call_soon(self._start)
 
     def _start(self) -> None:
-        size = MAX_BATCH
-        if self._alone:  # after a failed batch: one request per transaction
-            size, self._alone = 1, self._alone - 1
+        # After a failed batch its requests run one per transaction (`_alone` of them), counted
+        # down only when one has really run (not when the lock was busy).
+        size = 1 if self._alone else MAX_BATCH
         batch, self._pending = self._pending[:size], self._pending[size:]
         if not batch:
             self._finish()
             return
         loop = self.loop
         if any(r.heavy for r in batch):
+            self._alone = max(0, self._alone - len(batch))
             self._jobs.put((lambda: self._run_all(batch), lambda v, e: self._settle(batch, v, e)))
             return
         try:
@@ -177,10 +178,12 @@ class _Writer:
             if _is_busy(exc) and self._retry_later(loop):  # another process holds the lock
                 self._pending[:0] = batch
                 return
+            self._alone = max(0, self._alone - len(batch))
             self._fail(batch, exc)
             self._next()
             return
         self._lock_since = 0.0
+        self._alone = max(0, self._alone - len(batch))
         try:
             results = _run_requests(self._conn, batch)
         except _Isolate:
