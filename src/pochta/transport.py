@@ -15,8 +15,7 @@ import collections
 import logging
 import re
 import ssl
-from collections.abc import Callable, Coroutine
-from typing import Any, cast
+from typing import cast
 
 from pochta import tls as tlsmod
 from pochta.log import TRACE
@@ -34,11 +33,7 @@ class PlaintextAfterStartTLS(ConnectionError):
 class _Pipe(asyncio.Protocol):
     """Receives bytes for one Stream; wakes the reader; relays write back-pressure."""
 
-    def __init__(
-        self,
-        on_connect: Callable[[Stream], Coroutine[Any, Any, None]] | None = None,
-        label: str = "",
-    ) -> None:
+    def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.chunks: collections.deque[bytes] = collections.deque()
         self.size = 0
@@ -52,16 +47,10 @@ class _Pipe(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.lost = False
         self.closed: asyncio.Future[None] | None = None  # made only when someone waits for it
-        self._on_connect = on_connect
-        self._label = label
-        self.task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses; they have the same methods
         self.transport = cast(asyncio.Transport, transport)
-        if self._on_connect is not None:  # a server connection: run its handler as a task
-            stream = Stream(self.transport, self, label=self._label)
-            self.task = self.loop.create_task(self._on_connect(stream))
 
     def data_received(self, data: bytes) -> None:
         self.chunks.append(data)
@@ -123,7 +112,7 @@ async def open_stream(
     """Connect (with implicit TLS when `ssl_context` is given); raises OSError or ssl.SSLError."""
     loop = asyncio.get_running_loop()
     transport, pipe = await loop.create_connection(
-        lambda: _Pipe(label=label),
+        _Pipe,
         host,
         port,
         ssl=ssl_context,
@@ -131,18 +120,6 @@ async def open_stream(
         local_addr=(local_address, 0) if local_address else None,
     )
     return Stream(transport, pipe, label=label)
-
-
-async def serve_streams(
-    handler: Callable[[Stream], Coroutine[Any, Any, None]],
-    *,
-    label: str = "server",
-    **kwargs: Any,
-) -> asyncio.Server:
-    """`loop.create_server(**kwargs)` (host and port, or sock) whose every connection runs
-    `handler(stream)` as a task."""
-    loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: _Pipe(handler, label), **kwargs)
 
 
 class Stream:
@@ -296,7 +273,7 @@ def trace(label: str, who: str, data: bytes) -> None:
 def adopt(transport: asyncio.Transport, *, label: str) -> Stream:
     """A Stream over a connection that another protocol has served so far (the hand-off after
     TURN/ATRN): from now on the transport's bytes and events go to the Stream."""
-    pipe = _Pipe(label=label)
+    pipe = _Pipe()
     pipe.transport = transport
     transport.set_protocol(pipe)
     if transport.is_closing():

@@ -6,12 +6,31 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pochta import tls as tlsmod
-from pochta.transport import PlaintextAfterStartTLS, Stream, open_stream, serve_streams
+from pochta.transport import PlaintextAfterStartTLS, Stream, adopt, open_stream
+
+Handler = Callable[[Stream], Coroutine[Any, Any, None]]
+
+
+async def serve_streams(handler: Handler, **kwargs: Any) -> asyncio.Server:
+    """A server whose every connection runs `handler` on a server-side Stream."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+
+    class Accept(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            stream = adopt(transport, label="server")  # type: ignore[arg-type]
+            task = loop.create_task(handler(stream))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    return await loop.create_server(Accept, **kwargs)
 
 
 async def test_plaintext_buffered_before_the_handshake_is_refused(tmp_path: Path) -> None:
