@@ -42,3 +42,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     fi
     touch "$stamp"
 fi
+
+# The hot path compiled to C with mypyc (scripts/build_native.py; POCHTA_NATIVE=0 skips it). A
+# failed build leaves pochta running from source, slower but the same.
+if [ "${POCHTA_NATIVE:-1}" != 0 ]; then
+    .venv/bin/python scripts/build_native.py || echo "setup: running pochta from source" >&2
+fi

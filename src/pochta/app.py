@@ -23,7 +23,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from pochta import smtp
+from pochta import running_native, smtp
 from pochta import tls as tlsmod
 from pochta.auth.throttle import FailureThrottle
 from pochta.client.session import Timeouts as ClientTimeouts
@@ -256,7 +256,14 @@ async def serve(cfg: Config) -> None:
         await node.start()
         assert node.server is not None
         addresses = ", ".join(f"{h}:{p}" for h, p in node.server.bound)
-        log.info("pochta %s serving on %s (store %s)", cfg.hostname, addresses, _safe(cfg))
+        native = running_native()
+        log.info(
+            "pochta %s serving on %s (store %s, %s)",
+            cfg.hostname,
+            addresses,
+            _safe(cfg),
+            f"{len(native)} modules compiled" if native else "from source",
+        )
         await stop.wait()
         log.info("shutting down")
     finally:

@@ -8,15 +8,15 @@ import asyncio
 import smtplib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from pochta import smtp
-from pochta.server import session as session_module
 from pochta.server.listener import ServerLimits, SmtpServer
-from pochta.server.session import ServerContext
+from pochta.server.session import ServerContext, Session
 from pochta.store import open_store
-from pochta.store.api import MailStore
+from pochta.store.api import Accepted, Letter, MailStore
 
 
 @pytest.fixture
@@ -46,43 +46,49 @@ def _send_two(port: int) -> tuple[tuple[int, bytes], tuple[int, bytes]]:
     return first, second
 
 
+class _FlakyStore:
+    """The real store, whose first `deliver` fails the way a bug of ours would."""
+
+    def __init__(self, store: MailStore) -> None:
+        self._store = store
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    async def deliver(self, letter: Letter) -> Accepted:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("a bug while storing the letter")
+        return await self._store.deliver(letter)
+
+
 async def test_an_internal_fault_is_a_451_and_the_connection_goes_on(
-    served: tuple[SmtpServer, MailStore],
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    served: tuple[SmtpServer, MailStore], caplog: pytest.LogCaptureFixture
 ) -> None:
     server, store = served
-    real = session_module.received.received_header
-    calls = 0
-
-    def flaky(**kwargs: object) -> bytes:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise RuntimeError("a bug in the trace header")
-        return real(**kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(session_module.received, "received_header", flaky)
+    flaky = _FlakyStore(store)
+    server.ctx.store = cast(MailStore, flaky)
     listening = await server.listen("mx", "127.0.0.1:0")
     port = listening.sockets[0].getsockname()[1]
     first, second = await asyncio.to_thread(_send_two, port)
     assert first[0] == 451 and first[1].startswith(b"4.3.0 Local error (conn ")
     assert second[0] == 250
+    assert flaky.calls == 2
     assert [m.subject for m in await store.list_messages("bob@mail.test")] == ["two"]
-    assert "a bug in the trace header" in caplog.text
+    assert "a bug while storing the letter" in caplog.text
 
 
 async def test_a_fault_outside_a_command_is_a_421_not_a_silent_close(
-    served: tuple[SmtpServer, MailStore],
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    served: tuple[SmtpServer, MailStore], caplog: pytest.LogCaptureFixture
 ) -> None:
-    server, _ = served
+    ctx = served[0].ctx
 
-    def broken(self: session_module.Session, data: bytes) -> None:
-        raise RuntimeError("a bug while taking the body")
+    class Broken(Session):
+        def body_chunk(self, data: bytes) -> None:
+            raise RuntimeError("a bug while taking the body")
 
-    monkeypatch.setattr(session_module.Session, "body_chunk", broken)
+    server = SmtpServer(ctx, ServerLimits(), None, session_class=Broken)
     listening = await server.listen("mx", "127.0.0.1:0")
     port = listening.sockets[0].getsockname()[1]
 
@@ -96,6 +102,9 @@ async def test_a_fault_outside_a_command_is_a_421_not_a_silent_close(
             except smtplib.SMTPServerDisconnected:
                 return (0, b"")
 
-    code, text = await asyncio.to_thread(send)
+    try:
+        code, text = await asyncio.to_thread(send)
+    finally:
+        await server.stop(grace=2)
     assert (code, text) == (421, b"4.3.0 Local error, closing transmission channel")
     assert "a bug while taking the body" in caplog.text

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from pochta.errors import NotFound, StoreUnavailable
-from pochta.store import sqlite as sqlite_engine
 from pochta.store._common import load_migrations
 from pochta.store.api import Target
 from pochta.store.sqlite import SqliteStore
@@ -119,23 +118,21 @@ async def test_pending_writes_commit_before_close(tmp_path: Path) -> None:
         await again.close()
 
 
-async def test_commits_run_on_the_commit_thread_and_resolve_after_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_commits_run_on_the_commit_thread_and_resolve_after_it(tmp_path: Path) -> None:
     """The fsyncing COMMIT never runs on the event loop; a letter's future resolves only after
     its COMMIT returned (then it is on disk, and a fresh connection sees it)."""
     threads: list[str] = []
     committed = 0
-    real_commit = sqlite_engine._Writer._commit
 
-    def commit(self: sqlite_engine._Writer) -> None:
+    def traced(statement: str) -> None:
         nonlocal committed
-        threads.append(threading.current_thread().name)
-        real_commit(self)
-        committed += 1
+        if statement == "COMMIT":
+            threads.append(threading.current_thread().name)
+            committed += 1
 
-    monkeypatch.setattr(sqlite_engine._Writer, "_commit", commit)
     store = await _opened(tmp_path / "mail.db")
+    assert store._writer is not None
+    store._writer._conn.set_trace_callback(traced)  # each statement, on the thread running it
     try:
         mail = letter(targets=[Target("bob@example.test")])
 

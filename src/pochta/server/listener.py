@@ -64,8 +64,11 @@ class SmtpServer:
         limits: ServerLimits,
         tls_context: ssl.SSLContext | None,
         on_turn: TurnHandler | None = None,
+        *,
+        session_class: type[Session] = Session,
     ) -> None:
         self.ctx = ctx
+        self.session_class = session_class
         self.limits = limits
         self.tls_context = tls_context
         self.on_turn = on_turn
@@ -107,8 +110,8 @@ class SmtpServer:
             **where,
         )
         self._servers.append(server)
-        for sock in server.sockets:
-            maillog.event("listening", listener=kind, address=_sockname(sock))
+        for bound in _sockets(server):
+            maillog.event("listening", listener=kind, address=_sockname(bound))
         return server
 
     @property
@@ -119,7 +122,7 @@ class SmtpServer:
 
     @property
     def bound(self) -> list[tuple[str, int]]:
-        return [s.getsockname()[:2] for srv in self._servers for s in srv.sockets]
+        return [s.getsockname()[:2] for srv in self._servers for s in _sockets(srv)]
 
     def protocol(self, kind: str) -> asyncio.Protocol:
         """The protocol for one new connection to a listener of `kind`."""
@@ -258,7 +261,7 @@ class _SmtpProtocol(asyncio.Protocol):
             tls = None
             if t.get_extra_info("sslcontext") is not None:
                 tls = tlsmod.describe(t.get_extra_info("ssl_object"))
-            self.session = Session(server.ctx, self.kind, ip, conn_id, tls=tls)
+            self.session = server.session_class(server.ctx, self.kind, ip, conn_id, tls=tls)
         else:
             server._enlist(self)
         session = self.session
@@ -524,6 +527,11 @@ def split_address(address: str) -> tuple[str, int]:
         raise ValueError(f"listen address must be host:port, not {address!r}")
     host = host.strip("[]")
     return host or "0.0.0.0", int(port)
+
+
+def _sockets(server: asyncio.Server) -> list[socket.socket]:
+    """The server's sockets (uvloop gives a list where asyncio's typing says a tuple)."""
+    return list(cast(Any, server).sockets)
 
 
 def _sockname(sock: socket.socket | Any) -> str:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol, cast
 
+from mypy_extensions import mypyc_attr
+
 from pochta import log as maillog
 from pochta import smtp
 from pochta.auth import sasl
@@ -125,8 +127,10 @@ class Transaction:
     chunks: list[bytes] = field(default_factory=list)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Session:
-    """The policy of one server connection."""
+    """The policy of one server connection. A subclass (given to `SmtpServer` as
+    `session_class`) may change it, compiled or not (scripts/build_native.py)."""
 
     def __init__(
         self, ctx: ServerContext, kind: str, peer_ip: str, conn_id: str, *, tls: str | None
@@ -223,7 +227,7 @@ class Session:
         if kind is smtp.Data:
             return R.START_INPUT
         if kind is smtp.Ehlo or kind is smtp.Helo:
-            return self._ehlo(cast(smtp.Ehlo, event).domain, esmtp=kind is smtp.Ehlo)
+            return self._ehlo(cast(smtp.Ehlo | smtp.Helo, event).domain, esmtp=kind is smtp.Ehlo)
         if kind is smtp.Quit:
             return Reply(221, "2.0.0", f"{self.ctx.hostname} closing connection")
         match event:

@@ -139,7 +139,7 @@ class _Writer:
         self._conn.execute("PRAGMA busy_timeout = 0")
         self._busy_ms = busy_ms
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(
+        self._committer = threading.Thread(
             target=self._run_jobs, name="pochta-sqlite-commit", daemon=True
         )
         self._pending: list[_Request] = []
@@ -150,7 +150,7 @@ class _Writer:
         self._idle.set()
         self._lock_since = 0.0
         self.commits = 0
-        self._thread.start()
+        self._committer.start()
 
     def submit(self, request: _Request) -> None:
         self._pending.append(request)
@@ -302,7 +302,7 @@ class _Writer:
         self._jobs.put((self._conn.close, lambda _, exc: _settle(closed, None, exc)))
         self._jobs.put(None)
         await closed
-        await asyncio.to_thread(self._thread.join)
+        await asyncio.to_thread(self._committer.join)
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
