@@ -402,12 +402,13 @@ def drive(
     }
 
 
-def build(names: list[str], workdir: Path, pochta_workers: int) -> list[Target]:
+def build(names: list[str], workdir: Path, pochta_workers: list[int]) -> list[Target]:
     targets: list[Target] = []
     for i, name in enumerate(names):
         host = f"127.0.0.{60 + i}"
         if name == "pochta":
-            targets.append(Pochta(workdir, host, pochta_workers))
+            for j, workers in enumerate(pochta_workers):  # one target per process count
+                targets.append(Pochta(workdir, f"127.0.0.{80 + j}", workers))
         elif name == "aiosmtpd":
             targets.append(Aiosmtpd(workdir, host))
         elif name == "postfix":
@@ -439,15 +440,17 @@ def median_of(rows: list[dict[str, object]], key: str) -> float | None:
 def rate_table(
     rows: list[dict[str, object]], names: list[str], client: str
 ) -> list[dict[str, object]]:
-    """The letters/s table of one client: medians per cell and target, ratios of the first."""
+    """The letters/s table of one client: medians per cell and target, and the ratio of each
+    pochta target to each of the others."""
     cells: dict[tuple[int, int], dict[str, list[dict[str, object]]]] = {}
     for r in rows:
         key = (int(str(r["size"])), int(str(r["sessions"])))
         cells.setdefault(key, {}).setdefault(str(r["target"]), []).append(r)
     present = [n for n in names if any(n in c for c in cells.values())]
     header = f"{'size':>8} {'sessions':>8} " + " ".join(f"{n:>12}" for n in present)
-    others = [n for n in present if n != present[0]]
-    header += " " + " ".join(f"{present[0] + '/' + n:>20}" for n in others)
+    ours = [n for n in present if n.startswith("pochta")] or present[:1]
+    pairs = [f"{a}/{b}" for a in ours for b in present if b not in ours]
+    header += " " + " ".join(f"{pair:>20}" for pair in pairs)
     print(header)
     summary = []
     for (size, sessions), by in sorted(cells.items()):
@@ -456,8 +459,12 @@ def rate_table(
         line = f"{size:>8} {sessions:>8} " + " ".join(
             f"{med.get(n, 0):>11.0f}{'' if ok.get(n, False) else '!'}" for n in present
         )
-        ratios = {n: round(med[present[0]] / med[n], 2) for n in others if med.get(n)}
-        line += " " + " ".join(f"{ratios.get(n, 0):>20.2f}" for n in others)
+        ratios: dict[str, float] = {}
+        for pair in pairs:
+            a, b = pair.split("/")
+            if med.get(a) and med.get(b):
+                ratios[pair] = round(med[a] / med[b], 2)
+        line += " " + " ".join(f"{ratios.get(pair, 0):>20.2f}" for pair in pairs)
         print(line)
         details = {n: {k: median_of(v, k) for k in DETAILS} for n, v in by.items()}
         summary.append(
@@ -543,7 +550,11 @@ def main() -> int:
         action="store_true",
         help="pochta client: MAIL/RCPT/DATA in one write where PIPELINING is offered (RFC 2920)",
     )
-    ap.add_argument("--pochta-workers", type=int, default=1, help="pochta server processes")
+    ap.add_argument(
+        "--pochta-workers",
+        default="1",
+        help="pochta server processes; a list (1,2) runs one pochta target per count",
+    )
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--out", default=str(HERE / "results" / "accept.json"))
     ap.add_argument("--show", metavar="JSON", help="print the tables of a saved run and exit")
@@ -565,7 +576,7 @@ def main() -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     sessions = [int(s) for s in args.sessions.split(",")]
     workdir = Path(tempfile.mkdtemp(prefix="pochta-bench-"))
-    targets = build(names, workdir, args.pochta_workers)
+    targets = build(names, workdir, [int(w) for w in args.pochta_workers.split(",")])
     names = [t.name for t in targets]
     rows: list[dict[str, object]] = []
     try:
