@@ -4,10 +4,12 @@ defence (§2.3.8: CR and LF only as CRLF; the only end of data is <CRLF>.<CRLF>)
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pochta import smtp
 from pochta.smtp import replies as R
-from pochta.smtp._data import DotDecoder
+from pochta.smtp._data import DotDecoder, _find_line_dot
 from pochta.testing.pair import QUEUED, ConnectionPair, body_of, commands_of, hints
 
 SENDER = smtp.MailFrom(smtp.path_of("a@example.org"))
@@ -369,3 +371,10 @@ def test_long_line_check_matches_the_exact_rule(lengths: list[int]) -> None:
         assert decoder.feed(b".\r\n")[1]
         assert decoder.flags.long_line == (max(lengths) + 2 > 1000), (lengths, len(pieces))
         assert not decoder.flags.bare_line_end
+
+
+@given(st.lists(st.sampled_from([b"\r", b"\n", b".", b"x", b"\r\n", b"\r\n."]), max_size=60))
+def test_the_line_dot_search_finds_what_a_plain_search_finds(pieces: list[bytes]) -> None:
+    """The decoder looks for CRLF "." dot by dot (few dots), then with one search (many)."""
+    buf = b"".join(pieces)
+    assert _find_line_dot(buf) == buf.find(b"\r\n.")
