@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from pochta import smtp
 from pochta.smtp import replies as R
-from pochta.smtp._data import DotDecoder, _find_line_dot
+from pochta.smtp._data import DotDecoder, _find_line_dot, _has_long_line
 from pochta.testing.pair import QUEUED, ConnectionPair, body_of, commands_of, hints
 
 SENDER = smtp.MailFrom(smtp.path_of("a@example.org"))
@@ -378,3 +378,15 @@ def test_the_line_dot_search_finds_what_a_plain_search_finds(pieces: list[bytes]
     """The decoder looks for CRLF "." dot by dot (few dots), then with one search (many)."""
     buf = b"".join(pieces)
     assert _find_line_dot(buf) == buf.find(b"\r\n.")
+
+
+@given(
+    st.lists(st.integers(min_value=0, max_value=30), min_size=1, max_size=40),
+    st.integers(min_value=3, max_value=12),
+)
+def test_the_long_line_check_agrees_with_measuring_every_line(
+    lengths: list[int], max_line: int
+) -> None:
+    """Window by window, as the decoder checks, against every line measured (CRLF included)."""
+    chunk = b"".join(b"x" * n + b"\r\n" for n in lengths)
+    assert _has_long_line(chunk, max_line) == (max(lengths) + 2 > max_line)
