@@ -97,7 +97,7 @@ def up_to_date() -> bool:
     return bool(built_files()) and current == wanted()
 
 
-def build(jobs: int) -> None:
+def build() -> None:
     from mypyc.build import mypycify
     from setuptools import setup
 
@@ -115,8 +115,6 @@ def build(jobs: int) -> None:
                 "-q",
                 "build_ext",
                 "--inplace",
-                "--parallel",
-                str(jobs),
                 "--build-temp",
                 str(BUILD / "obj"),
             ],
@@ -130,7 +128,6 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--clean", action="store_true", help="remove the compiled modules")
     ap.add_argument("--force", action="store_true", help="build even when up to date")
-    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="C compilers at once")
     args = ap.parse_args()
     if args.clean:
         clean()
@@ -143,7 +140,7 @@ def main() -> int:
     t0 = time.monotonic()
     print(f"native: compiling {len(MODULES)} modules with mypyc (a minute or two)...", flush=True)
     try:
-        build(args.jobs)
+        build()
     except (Exception, SystemExit) as exc:  # setuptools reports a compiler error as SystemExit
         clean()
         print(f"native: build failed ({exc}); pochta runs from source", file=sys.stderr)

@@ -139,6 +139,7 @@ class _Writer:
         self._conn.execute("PRAGMA busy_timeout = 0")
         self._busy_ms = busy_ms
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        # (not `_thread`: mypyc would name the C field `__thread`, a C keyword)
         self._committer = threading.Thread(
             target=self._run_jobs, name="pochta-sqlite-commit", daemon=True
         )
