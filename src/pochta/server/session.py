@@ -204,10 +204,10 @@ class Session:
             return self._local_error(event)
 
     async def handle(self, conn: smtp.Connection, event: smtp.Command) -> Reply:
-        """The reply to one command; policy and store errors become 4xx/5xx replies."""
+        """The reply to a command `respond` left (None): it waits for the store, a password
+        check or the relay. Policy and store errors become 4xx/5xx replies."""
         try:
-            reply = self._respond(event)
-            return reply if reply is not None else await self._dispatch(conn, event)
+            return await self._dispatch(conn, event)
         except StoreUnavailable:
             log.warning("conn=%s store unavailable", self.conn_id)
             return STORE_BUSY
