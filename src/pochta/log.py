@@ -115,6 +115,7 @@ class _Direct:
             or maillog.handlers != self._own
             or not maillog.propagate
             or maillog.filters
+            or any(handler.filters for handler, _ in self._sinks)
         ):
             return False
         now = time.time()

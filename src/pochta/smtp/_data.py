@@ -119,9 +119,8 @@ class DotDecoder:
             return
         # `bytes.splitlines` ends lines at CRLF, CR and LF alike: the chunk is all
         # CRLF-terminated exactly when its length is the lines' lengths plus two octets per
-        # line end, and the same list gives the longest line. (Counting CR, LF and CRLF took
-        # three passes and a slow two-byte search; a `find` per 500-octet window for long
-        # lines cost a Python call each, 200 per 100 KiB.)
+        # line end. (Counting CR, LF and CRLF took three passes and a slow two-byte search.)
+        # Long lines: `_has_long_line`, a step per window of `max_line` octets.
         if not flags.bare_line_end:
             lines = chunk.splitlines()
             ends = len(lines) if chunk[-1:] in (b"\n", b"\r") else len(lines) - 1
