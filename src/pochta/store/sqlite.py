@@ -170,7 +170,7 @@ class _Writer:
             return
         loop = self.loop
         if any(r.heavy for r in batch):
-            self._alone = max(0, self._alone - len(batch))
+            self._ran(batch)
             self._jobs.put((lambda: self._run_all(batch), lambda v, e: self._settle(batch, v, e)))
             return
         try:
@@ -179,12 +179,12 @@ class _Writer:
             if _is_busy(exc) and self._retry_later(loop):  # another process holds the lock
                 self._pending[:0] = batch
                 return
-            self._alone = max(0, self._alone - len(batch))
+            self._ran(batch)
             self._fail(batch, exc)
             self._next()
             return
         self._lock_since = 0.0
-        self._alone = max(0, self._alone - len(batch))
+        self._ran(batch)
         try:
             results = _run_requests(self._conn, batch)
         except _Isolate:
@@ -196,6 +196,10 @@ class _Writer:
             self._next()
             return
         self._jobs.put((self._commit, lambda _, exc: self._settle_commit(results, exc)))
+
+    def _ran(self, batch: list[_Request]) -> None:
+        """The batch runs (or fails) now: fewer requests are left to run alone."""
+        self._alone = max(0, self._alone - len(batch))
 
     def _run_jobs(self) -> None:
         """The commit thread: run each job, hand its outcome back to the loop."""
