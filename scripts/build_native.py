@@ -54,6 +54,7 @@ MODULES = [
     "pochta/store/_common.py",
     "pochta/store/api.py",
     "pochta/store/sqlite.py",
+    "pochta/value.py",
 ]
 
 

@@ -119,12 +119,15 @@ class ServerContext:
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
 
-@dataclass
 class Transaction:
-    mail: smtp.MailFrom
-    targets: dict[str, str] = field(default_factory=dict)  # user address -> as given in RCPT
-    outbound: list[str] = field(default_factory=list)
-    chunks: list[bytes] = field(default_factory=list)
+    """One mail transaction: MAIL, its recipients (`targets`: user address -> as given in RCPT;
+    `outbound`: remote addresses) and the body as it arrived."""
+
+    def __init__(self, mail: smtp.MailFrom) -> None:
+        self.mail = mail
+        self.targets: dict[str, str] = {}
+        self.outbound: list[str] = []
+        self.chunks: list[bytes] = []
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)

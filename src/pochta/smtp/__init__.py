@@ -1,5 +1,6 @@
 """pochta's SMTP protocol core: sans-IO, both roles (RFC 5321 and the ESMTP extensions pochta
-speaks). No asyncio, sockets, ssl, logging, time, or other pochta imports here.
+speaks). No asyncio, sockets, ssl, logging, time, or other pochta imports here but
+`pochta.value` (the base of its events).
 
     conn = smtp.Connection(smtp.SERVER, smtp.Limits())
     conn.receive_data(chunk)            # b"" signals EOF

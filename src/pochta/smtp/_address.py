@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
 from functools import lru_cache
+from typing import Final
+
+from pochta.value import Value
 
 # RFC 5321 §4.5.3.1.1-3
 MAX_LOCAL_PART = 64
@@ -47,12 +49,17 @@ class AddressError(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
-class Path:
+class Path(Value):
     """A mailbox path; the null reverse-path `<>` has empty local and domain."""
 
-    local: str
-    domain: str
+    __match_args__ = ("local", "domain")
+
+    def __init__(self, local: str, domain: str) -> None:
+        self.local: Final = local
+        self.domain: Final = domain
+
+    def __hash__(self) -> int:
+        return hash((self.local, self.domain))
 
     @property
     def is_null(self) -> bool:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from pochta.smtp import _replies as R
-from pochta.smtp._data import DotDecoder, DotEncoder
+from pochta.smtp._data import CR, LF, NUL, DotDecoder, DotEncoder
 from pochta.smtp._errors import LocalProtocolError, RemoteProtocolError
 from pochta.smtp._events import (
     Atrn,
@@ -222,7 +222,7 @@ class Connection:
                 self._buf, self._skip_line = buf[end + 2 :], False
                 continue
             line = buf[:end] if end >= 0 else buf.removesuffix(b"\r")  # CR: maybe a CRLF
-            if b"\r" in line or b"\n" in line:
+            if CR in line or LF in line:
                 raise self._bad_line(end, R.BARE_LINE_END, "bare CR or LF")
             if len(buf) >= limit if end < 0 else end + 2 > limit:
                 too_long = R.AUTH_LINE_TOO_LONG if self.state is State.AUTH else R.LINE_TOO_LONG
@@ -242,7 +242,7 @@ class Connection:
         return self._reject(reply, why)
 
     def _command(self, raw: bytes) -> Event | _NeedData:
-        if b"\x00" in raw:
+        if NUL in raw:
             raise self._reject(R.NUL_IN_COMMAND, "NUL in command")
         try:
             line = raw.decode("utf-8")

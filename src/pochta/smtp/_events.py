@@ -1,6 +1,6 @@
 """Events: what one side of an SMTP connection says. Imports `_address` and `_replies`.
 
-Commands (client -> server) are the frozen dataclasses below; the server answers each with a
+Commands (client -> server) are the values below (`pochta.value`); the server answers each with a
 `Reply`. Body bytes travel as `BodyChunk` (already dot-unstuffed on the server side; raw on the
 client side, where `send()` dot-stuffs them). `EndOfData` ends a DATA body and, like a command,
 gets a reply. `Bdat` carries its chunk's bytes when the client sends it; on the server side the
@@ -9,26 +9,33 @@ bytes arrive first as `BodyChunk` events and then the `Bdat` command that needs 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Final
 
 from pochta.smtp._address import Path
 from pochta.smtp._replies import Reply
+from pochta.value import Value
 
 
-@dataclass(frozen=True, slots=True)
-class Helo:
-    domain: str
+class Helo(Value):
+    __match_args__ = ("domain",)
+
+    def __init__(self, domain: str) -> None:
+        self.domain: Final = domain
 
 
-@dataclass(frozen=True, slots=True)
-class Ehlo:
-    domain: str
+class Ehlo(Value):
+    __match_args__ = ("domain",)
+
+    def __init__(self, domain: str) -> None:
+        self.domain: Final = domain
 
 
-@dataclass(frozen=True, slots=True)
-class MailFrom:
-    path: Path
-    params: dict[str, str | None] = field(default_factory=dict)
+class MailFrom(Value):
+    __match_args__ = ("path", "params")
+
+    def __init__(self, path: Path, params: dict[str, str | None] | None = None) -> None:
+        self.path: Final = path
+        self.params: Final[dict[str, str | None]] = {} if params is None else params
 
     @property
     def size(self) -> int | None:
@@ -47,113 +54,127 @@ class MailFrom:
         return "SMTPUTF8" in self.params
 
 
-@dataclass(frozen=True, slots=True)
-class RcptTo:
-    path: Path
-    params: dict[str, str | None] = field(default_factory=dict)
+class RcptTo(Value):
+    __match_args__ = ("path", "params")
+
+    def __init__(self, path: Path, params: dict[str, str | None] | None = None) -> None:
+        self.path: Final = path
+        self.params: Final[dict[str, str | None]] = {} if params is None else params
 
 
-@dataclass(frozen=True, slots=True)
-class Data:
+class Data(Value):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class BodyChunk:
-    data: bytes
+class BodyChunk(Value):
+    __match_args__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data: Final = data
 
 
-@dataclass(frozen=True, slots=True)
-class EndOfData:
+class EndOfData(Value):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class Bdat:
+class Bdat(Value):
     """RFC 3030 BDAT. `data` is set when a client sends it; a server sees size and last only."""
 
-    size: int
-    last: bool
-    data: bytes = b""
+    __match_args__ = ("size", "last", "data")
+
+    def __init__(self, size: int, last: bool, data: bytes = b"") -> None:
+        self.size: Final = size
+        self.last: Final = last
+        self.data: Final = data
 
 
-@dataclass(frozen=True, slots=True)
-class Rset:
+class Rset(Value):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class Noop:
-    argument: str = ""
+class Noop(Value):
+    __match_args__ = ("argument",)
+
+    def __init__(self, argument: str = "") -> None:
+        self.argument: Final = argument
 
 
-@dataclass(frozen=True, slots=True)
-class Quit:
+class Quit(Value):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class Vrfy:
-    argument: str
+class Vrfy(Value):
+    __match_args__ = ("argument",)
+
+    def __init__(self, argument: str) -> None:
+        self.argument: Final = argument
 
 
-@dataclass(frozen=True, slots=True)
-class Expn:
-    argument: str
+class Expn(Value):
+    __match_args__ = ("argument",)
+
+    def __init__(self, argument: str) -> None:
+        self.argument: Final = argument
 
 
-@dataclass(frozen=True, slots=True)
-class Help:
-    argument: str = ""
+class Help(Value):
+    __match_args__ = ("argument",)
+
+    def __init__(self, argument: str = "") -> None:
+        self.argument: Final = argument
 
 
-@dataclass(frozen=True, slots=True)
-class StartTLS:
+class StartTLS(Value):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class Auth:
+class Auth(Value):
     """RFC 4954 AUTH. `initial` is the decoded initial response: None if absent, b"" for `=`."""
 
-    mechanism: str
-    initial: bytes | None = None
+    __match_args__ = ("mechanism", "initial")
+
+    def __init__(self, mechanism: str, initial: bytes | None = None) -> None:
+        self.mechanism: Final = mechanism
+        self.initial: Final = initial
 
 
-@dataclass(frozen=True, slots=True)
-class AuthResponse:
+class AuthResponse(Value):
     """One decoded client line of a SASL exchange; `cancelled` for the `*` line."""
 
-    data: bytes
-    cancelled: bool = False
+    __match_args__ = ("data", "cancelled")
+
+    def __init__(self, data: bytes, cancelled: bool = False) -> None:
+        self.data: Final = data
+        self.cancelled: Final = cancelled
 
 
-@dataclass(frozen=True, slots=True)
-class Turn:
+class Turn(Value):
     """RFC 821 §4.1.1 TURN."""
 
 
-@dataclass(frozen=True, slots=True)
-class Etrn:
+class Etrn(Value):
     """RFC 1985 ETRN: `argument` is `domain`, `@domain` or `#queuename`."""
 
-    argument: str
+    __match_args__ = ("argument",)
+
+    def __init__(self, argument: str) -> None:
+        self.argument: Final = argument
 
 
-@dataclass(frozen=True, slots=True)
-class Atrn:
+class Atrn(Value):
     """RFC 2645 ATRN with an optional comma-separated list of domains."""
 
-    domains: tuple[str, ...] = ()
+    __match_args__ = ("domains",)
+
+    def __init__(self, domains: tuple[str, ...] = ()) -> None:
+        self.domains: Final = domains
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectionClosed:
+class ConnectionClosed(Value):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class Turned:
+class Turned(Value):
     """Both sides agreed to swap roles (TURN/ATRN answered 250): call `Connection.turned()`."""
 
 

@@ -9,16 +9,36 @@ HELO/EHLO (whose lines carry the extension keywords). Pass `enhanced=""` for tho
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import Final
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
 
 
-@dataclass(frozen=True, slots=True)
 class Reply:
-    code: int
-    enhanced: str = ""
-    text: str = ""
+    """A reply, a value: compared and hashed by code, enhanced code and text; never changed.
+
+    A plain class rather than a frozen dataclass: compiled (scripts/build_native.py), its
+    constructor is a C function, where a dataclass's generated `__init__` is interpreted code
+    run through `object.__setattr__`; the wire form is made once per reply and kept on it."""
+
+    def __init__(self, code: int, enhanced: str = "", text: str = "") -> None:
+        self.code: Final = code
+        self.enhanced: Final = enhanced
+        self.text: Final = text
+        self._wire: bytes | None = None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Reply):
+            return NotImplemented
+        return (
+            self.code == other.code and self.enhanced == other.enhanced and self.text == other.text
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.code, self.enhanced, self.text))
+
+    def __repr__(self) -> str:
+        return f"Reply(code={self.code!r}, enhanced={self.enhanced!r}, text={self.text!r})"
 
     @property
     def lines(self) -> list[str]:
@@ -45,13 +65,11 @@ class Reply:
         return 500 <= self.code < 600
 
     def to_bytes(self) -> bytes:
-        """The reply on the wire, CRLF-terminated, multi-line with `code-` continuation lines.
-        Replies are values, so the wire form of the ones used again and again is kept."""
-        wire = _WIRE.get(self)
+        """The reply on the wire, CRLF-terminated, multi-line with `code-` continuation lines
+        (made on first use and kept: the named replies below are sent again and again)."""
+        wire = self._wire
         if wire is None:
-            wire = self._format()
-            if len(_WIRE) < 4096:
-                _WIRE[self] = wire
+            wire = self._wire = self._format()
         return wire
 
     def _format(self) -> bytes:
@@ -68,9 +86,6 @@ class Reply:
 
     def with_text(self, text: str) -> Reply:
         return Reply(self.code, self.enhanced, text)
-
-
-_WIRE: dict[Reply, bytes] = {}
 
 
 def parse_reply_lines(lines: list[str]) -> Reply:

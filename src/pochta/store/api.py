@@ -23,7 +23,9 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Final, Protocol
+
+from pochta.value import Value
 
 INBOX = "INBOX"
 SENT = "Sent"
@@ -88,29 +90,35 @@ class RelayDomain:
     owner: str  # the user address allowed to take the domain's mail
 
 
-@dataclass(frozen=True)
-class Summary:
+class Summary(Value):
     """Headers parsed for listing; values are decoded text ("" when the header is absent)."""
 
-    from_: str = ""
-    to: str = ""
-    subject: str = ""
-    date: str = ""
-    message_id: str = ""
+    __match_args__ = ("from_", "to", "subject", "date", "message_id")
+
+    def __init__(
+        self, from_: str = "", to: str = "", subject: str = "", date: str = "", message_id: str = ""
+    ) -> None:
+        self.from_: Final = from_
+        self.to: Final = to
+        self.subject: Final = subject
+        self.date: Final = date
+        self.message_id: Final = message_id
 
 
-@dataclass(frozen=True)
-class Target:
-    """One mailbox copy of a letter.
+class Target(Value):
+    """One mailbox copy of a letter: `address` is the owning user's (canonical, not an alias).
 
     `return_path` is the envelope sender recorded at final delivery (RFC 5321 §4.4): when not
     None, `get_message()` returns the body with `Return-Path: <return_path>` prepended. Sent
     copies use None.
     """
 
-    address: str  # the owning user's address (canonical, not an alias)
-    folder: str = INBOX
-    return_path: str | None = None
+    __match_args__ = ("address", "folder", "return_path")
+
+    def __init__(self, address: str, folder: str = INBOX, return_path: str | None = None) -> None:
+        self.address: Final = address
+        self.folder: Final = folder
+        self.return_path: Final = return_path
 
 
 Body = bytes | tuple[bytes, ...]
@@ -126,21 +134,38 @@ def body_bytes(body: Body) -> bytes:
     return body if isinstance(body, bytes) else b"".join(body)
 
 
-@dataclass(frozen=True)
-class Letter:
-    """Everything `deliver()` stores in one transaction."""
+class Letter(Value):
+    """Everything `deliver()` stores in one transaction: `body`, the bytes as received with our
+    Received: header already prepended; `sender`, the envelope return path ("" is the null
+    path <>); `targets`, the local mailbox copies; `outbound`, the remote recipient addresses to
+    queue for delivery."""
 
-    body: Body  # the bytes as received, with our Received: header already prepended
-    sender: str  # envelope return path; "" is the null path <>
-    summary: Summary
-    targets: Sequence[Target] = ()  # local mailbox copies
-    outbound: Sequence[str] = ()  # remote recipient addresses to queue for delivery
+    __match_args__ = ("body", "sender", "summary", "targets", "outbound")
+
+    def __init__(
+        self,
+        body: Body,
+        sender: str,
+        summary: Summary,
+        targets: Sequence[Target] = (),
+        outbound: Sequence[str] = (),
+    ) -> None:
+        self.body: Final = body
+        self.sender: Final = sender
+        self.summary: Final = summary
+        self.targets: Final = targets
+        self.outbound: Final = outbound
 
 
-@dataclass(frozen=True)
-class Accepted:
-    message_ids: tuple[int, ...]  # one per target, same order
-    queue_id: int | None  # None when nothing was queued
+class Accepted(Value):
+    """What `deliver()` stored: `message_ids`, one per target in the same order; `queue_id`,
+    None when nothing was queued."""
+
+    __match_args__ = ("message_ids", "queue_id")
+
+    def __init__(self, message_ids: tuple[int, ...], queue_id: int | None) -> None:
+        self.message_ids: Final = message_ids
+        self.queue_id: Final = queue_id
 
 
 @dataclass(frozen=True)

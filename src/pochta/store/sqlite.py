@@ -29,7 +29,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -105,11 +104,13 @@ def _settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> 
 # -- the writer (group commit) ------------------------------------------------------------------
 
 
-@dataclass
 class _Request:
-    fn: Callable[[Conn], Any]
-    future: asyncio.Future[Any]
-    heavy: bool = False  # large: run its statements off the event loop too
+    def __init__(
+        self, fn: Callable[[Conn], Any], future: asyncio.Future[Any], heavy: bool = False
+    ) -> None:
+        self.fn = fn
+        self.future = future
+        self.heavy = heavy  # large: run its statements off the event loop too
 
 
 _Result = tuple[_Request, Any, BaseException | None]
