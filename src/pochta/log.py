@@ -111,7 +111,7 @@ class _Direct:
         """Write `line` as the handlers would; False when they are not the ones armed."""
         if (
             not self._sinks
-            or logging.getLogger().handlers != self._root
+            or logging.root.handlers != self._root
             or maillog.handlers != self._own
             or not maillog.propagate
             or maillog.filters
@@ -127,14 +127,17 @@ class _Direct:
         for handler, middle in self._sinks:
             if handler.level > logging.INFO:
                 continue
-            handler.acquire()
+            lock = handler.lock  # what handler.acquire() takes, without its Python frame
+            if lock is not None:
+                lock.acquire()
             try:
                 handler.stream.write(f"{stamp}{middle}{line}\n")
                 handler.stream.flush()
             except (OSError, ValueError):
                 pass  # as in logging: a log line that cannot be written never fails the mail
             finally:
-                handler.release()
+                if lock is not None:
+                    lock.release()
         return True
 
 

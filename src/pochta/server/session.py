@@ -158,7 +158,7 @@ class Session:
         return self.kind in (SUBMISSION, SUBMISSIONS, ODMR)
 
     def greeting(self) -> Reply:
-        return Reply(220, "", f"{self.ctx.hostname} ESMTP pochta")
+        return _kept(f"{self.ctx.hostname} ESMTP pochta", 220)
 
     def extensions(self) -> frozenset[str]:
         """Extensions the core enforces for this listener (they match the EHLO keywords): AUTH
@@ -290,7 +290,7 @@ class Session:
                 lines.append("ATRN")
             if self.ctx.turn_enabled and self.kind in (SUBMISSION, SUBMISSIONS):
                 lines.append("TURN")
-        return Reply(250, "", "\n".join(lines))
+        return _kept("\n".join(lines))
 
     # -- the transaction ----------------------------------------------------------------------
     def _mail_now(self, event: smtp.MailFrom) -> Reply | None:
@@ -528,6 +528,20 @@ class Session:
                 return TURN_DISABLED
             return await relay.turn(self)
         return R.NOT_IMPLEMENTED
+
+
+_KEPT: dict[tuple[int, str], Reply] = {}
+
+
+def _kept(text: str, code: int = 250) -> Reply:
+    """The greeting and the EHLO reply, made once per text (their wire form with them): every
+    connection gets them, and clients of a node greet with the same few names."""
+    reply = _KEPT.get((code, text))
+    if reply is None:
+        reply = Reply(code, "", text)
+        if len(_KEPT) < 1024:
+            _KEPT[(code, text)] = reply
+    return reply
 
 
 def _sender_addresses(raw: bytes) -> list[str]:

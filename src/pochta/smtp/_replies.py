@@ -75,6 +75,8 @@ class Reply:
     def _format(self) -> bytes:
         prefix = f"{self.code:03d}"
         enh = f"{self.enhanced} " if self.enhanced else ""
+        if "\n" not in self.text:  # one line, as nearly every reply is
+            return f"{prefix} {enh}{self.text}".rstrip(" ").encode("utf-8", "replace") + b"\r\n"
         lines = self.lines
         out = [f"{prefix}-{enh}{line}\r\n" for line in lines[:-1]]
         out.append(f"{prefix} {enh}{lines[-1]}".rstrip(" ") + "\r\n")

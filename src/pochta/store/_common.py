@@ -110,9 +110,12 @@ def as_utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def to_us(value: datetime) -> int:
     """SQLite stores timestamps as integer microseconds since the epoch (exact, sortable)."""
-    delta = as_utc(value) - datetime(1970, 1, 1, tzinfo=UTC)
+    delta = as_utc(value) - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
