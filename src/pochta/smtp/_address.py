@@ -58,9 +58,6 @@ class Path(Value):
         self.local: Final = local
         self.domain: Final = domain
 
-    def __hash__(self) -> int:
-        return hash((self.local, self.domain))
-
     @property
     def is_null(self) -> bool:
         return not self.local and not self.domain
