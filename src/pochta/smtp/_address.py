@@ -1,4 +1,5 @@
-"""Mailbox paths of MAIL FROM / RCPT TO (RFC 5321 §4.1.2, RFC 6531 §3.3). Stdlib only.
+"""Mailbox paths of MAIL FROM / RCPT TO (RFC 5321 §4.1.2, RFC 6531 §3.3). Stdlib only
+(plus `pochta.value`).
 
     Reverse-path   = Path / "<>"
     Forward-path   = Path

@@ -1,4 +1,5 @@
-"""Events: what one side of an SMTP connection says. Imports `_address` and `_replies`.
+"""Events: what one side of an SMTP connection says. Imports `_address`, `_replies` and
+`pochta.value`.
 
 Commands (client -> server) are the values below (`pochta.value`); the server answers each with a
 `Reply`. Body bytes travel as `BodyChunk` (already dot-unstuffed on the server side; raw on the
