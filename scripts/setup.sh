@@ -7,7 +7,7 @@ want_test=${1:-}
 
 debs="ca-certificates"
 if [ "$want_test" = "test" ]; then
-    debs="$debs swaks libnet-ssleay-perl curl msmtp dnsmasq-base postfix"
+    debs="$debs swaks libnet-ssleay-perl curl msmtp dnsmasq-base postfix strace"
 fi
 missing=""
 for p in $debs; do
