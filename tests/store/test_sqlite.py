@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from pochta.errors import NotFound, StoreUnavailable
 from pochta.store._common import load_migrations
 from pochta.store._walsync import WalSync
 from pochta.store.api import Target
-from pochta.store.sqlite import SqliteStore
+from pochta.store.sqlite import HEAVY_BODY, LOOP_COMMIT, SqliteStore
 from pochta.testing.storecheck import letter
 
 
@@ -184,3 +185,34 @@ async def test_a_failed_wal_sync_refuses_every_later_write(tmp_path: Path) -> No
         writer._sync.close()
         writer._sync = real
         await store.close()
+
+
+@pytest.mark.parametrize(
+    ("size", "thread"),
+    [(1024, "MainThread"), (100 * 1024, "pochta-sqlite-jobs"), (300 * 1024, "pochta-sqlite-jobs")],
+)
+async def test_where_a_letter_is_written_depends_on_its_size(
+    tmp_path: Path, size: int, thread: str
+) -> None:
+    """Small letters are written by the event loop (statements and COMMIT: microseconds);
+    a batch with more than LOOP_COMMIT octets of letter writes the WAL (COMMIT) on the job
+    thread, and one with a letter over HEAVY_BODY runs there whole. Each stored intact."""
+    seen: list[tuple[str, str]] = []
+
+    def traced(statement: str) -> None:
+        if statement.startswith(("INSERT INTO bodies", "COMMIT")):
+            seen.append((statement.split()[0], threading.current_thread().name))
+
+    store = await _opened(tmp_path / "mail.db")
+    assert store._writer is not None
+    store._writer._conn.set_trace_callback(traced)
+    body = b"Subject: big\r\n\r\n" + bytes(range(256)) * (size // 256)
+    try:
+        accepted = await store.deliver(letter(body, targets=[Target("bob@example.test")]))
+        stored = await store.get_message(accepted.message_ids[0])
+    finally:
+        await store.close()
+    assert stored.raw.endswith(body)
+    insert_thread = "MainThread" if size <= HEAVY_BODY else "pochta-sqlite-jobs"
+    assert seen == [("INSERT", insert_thread), ("COMMIT", thread)]
+    assert (size > LOOP_COMMIT) is (thread != "MainThread")

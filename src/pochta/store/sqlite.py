@@ -9,9 +9,9 @@ Durability and concurrency:
   resolves the callers' futures only after that sync completed. When one request of a batch
   fails, the batch is rolled back and its requests run again one per transaction, so the
   failing one fails alone (a savepoint per request cost two statements per letter for a case
-  that almost never happens). Batches run on the event loop thread (large letters on the job
-  thread), and so does the sync's completion; the WAL is checkpointed between batches on the
-  job thread. `commits` counts the synced COMMITs.
+  that almost never happens). Batches run on the event loop thread (large letters' writes on
+  the job thread), and so does the sync's completion; the WAL is checkpointed between batches
+  on the job thread. `commits` counts the synced COMMITs.
 - Reads run on a small pool of read-only connections in their own threads, one snapshot
   (BEGIN ... ROLLBACK) per call; the event loop never blocks on SQLite.
 - Numbered migrations `migrations/sqlite/NNNN_*.sql` are applied in order at `open()` and
@@ -68,6 +68,7 @@ BUSY_TIMEOUT_MS = 5000
 MAX_BATCH = 500  # write requests per group commit
 CHECKPOINT_EVERY = 100  # group commits between two checkpoints of the WAL (about 1000 pages)
 HEAVY_BODY = 256 * 1024  # letters larger than this are written off the event loop
+LOOP_COMMIT = 32 * 1024  # batches with more letter than this COMMIT (write the WAL) off the loop
 JOIN_BODY = 64 * 1024  # smaller bodies are joined and inserted whole, larger ones in place
 INLINE_BUSY_MS = 50  # the event loop's own read connection never waits longer
 
@@ -112,11 +113,11 @@ def _settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> 
 
 class _Request:
     def __init__(
-        self, fn: Callable[[Conn], Any], future: asyncio.Future[Any], heavy: bool = False
+        self, fn: Callable[[Conn], Any], future: asyncio.Future[Any], size: int = 0
     ) -> None:
         self.fn = fn
         self.future = future
-        self.heavy = heavy  # large: run its statements off the event loop too
+        self.size = size  # octets of letter it writes: large ones are written off the loop
 
 
 _Result = tuple[_Request, Any, BaseException | None]
@@ -134,8 +135,9 @@ class _Writer:
     overlaps with writing their replies. Earlier designs, measured: statements on a writer
     thread (a GIL hand-off per statement, milliseconds per letter under load); COMMIT with
     `synchronous=FULL` on a commit thread (waking it and taking the GIL back after each fsync
-    cost the loop about a tenth of its time). A batch with a heavy request (a large letter)
-    runs on the job thread, and so does the WAL checkpoint every CHECKPOINT_EVERY commits
+    cost the loop about a tenth of its time). A batch with more than LOOP_COMMIT octets of
+    letter COMMITs (writes its WAL frames) on the job thread, one with a letter over HEAVY_BODY
+    runs there whole, and so does the WAL checkpoint every CHECKPOINT_EVERY commits
     (between batches: SQLite's automatic one would run inside COMMIT on the loop). Several
     processes sharing the database (`workers`) take the write lock in turn: BEGIN IMMEDIATE is
     retried every few hundred microseconds, never blocking the loop.
@@ -191,7 +193,7 @@ class _Writer:
             self._finish()
             return
         loop = self.loop
-        if any(r.heavy for r in batch):
+        if any(r.size > HEAVY_BODY for r in batch):
             self._ran(batch)
             self._jobs.put((lambda: self._run_all(batch), lambda v, e: self._settle(batch, v, e)))
             return
@@ -217,13 +219,15 @@ class _Writer:
             self._resolve(results)
             self._next()
             return
+        if sum(r.size for r in batch) > LOOP_COMMIT:  # its WAL writes go to the job thread
+            self._jobs.put((self._commit, lambda _, exc: self._committed(results, exc)))
+            return
         try:
             self._commit()
         except sqlite3.Error as exc:
-            self._fail(batch, exc)
-            self._next()
+            self._committed(results, exc)
             return
-        self._committed(results)
+        self._committed(results, None)
 
     def _ran(self, batch: list[_Request]) -> None:
         """The batch runs (or fails) now: fewer requests are left to run alone."""
@@ -289,14 +293,18 @@ class _Writer:
         elif exc is not None or outcome is None:
             self._fail(batch, exc)
         elif outcome[1]:
-            self._committed(outcome[0])
+            self._committed(outcome[0], None)
             return
         else:
             self._resolve(outcome[0])
         self._next()
 
-    def _committed(self, results: list[_Result]) -> None:
+    def _committed(self, results: list[_Result], exc: BaseException | None) -> None:
         """COMMIT returned: sync the WAL, and only then tell the callers."""
+        if exc is not None:  # nothing of the batch was committed (COMMIT rolled it back)
+            self._fail([r for r, _, _ in results], exc)
+            self._next()
+            return
         if self._sync is None:
             self._synced(results, None)
         else:
@@ -970,11 +978,11 @@ class SqliteStore:
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    async def _write(self, fn: Callable[[Conn], T], *, heavy: bool = False) -> T:
+    async def _write(self, fn: Callable[[Conn], T], *, size: int = 0) -> T:
         if self._writer is None:
             raise StoreUnavailable("the store is not open")
         future: asyncio.Future[T] = self._writer.loop.create_future()
-        self._writer.submit(_Request(fn=fn, future=future, heavy=heavy))
+        self._writer.submit(_Request(fn=fn, future=future, size=size))
         return await future
 
     async def _read(self, fn: Callable[[Conn], T]) -> T:
@@ -1101,8 +1109,8 @@ class SqliteStore:
 
     async def deliver(self, letter: Letter) -> Accepted:
         now = cm.utcnow()
-        heavy = sum(map(len, body_parts(letter.body))) > HEAVY_BODY
-        return await self._write(lambda c: _deliver(c, letter, now), heavy=heavy)
+        size = sum(map(len, body_parts(letter.body)))
+        return await self._write(lambda c: _deliver(c, letter, now), size=size)
 
     async def delete_message(self, message_id: int) -> None:
         """Expunge one message (its UID is never handed out again). Not in the api.py Protocol."""
