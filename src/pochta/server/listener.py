@@ -8,7 +8,9 @@ connection, and sends 421 on shutdown.
 
 Each connection is an asyncio Protocol (`_SmtpProtocol`) driven by the bytes that arrive: they go
 into the core, its events to the Session, and the replies out in one write per batch of input
-(so pipelined replies go out together, RFC 2920 §3). A command that needs no store (EHLO, MAIL on
+(so pipelined replies go out together, RFC 2920 §3), made at the end of the loop turn for all
+connections that have replies: a client holding many sessions (a relay, a load generator) is
+woken once for them all. A command that needs no store (EHLO, MAIL on
 port 25, DATA, RSET, QUIT...) is answered right there; one that waits (RCPT, the end of the data,
 AUTH, the relay verbs) runs as a task and the connection takes no further input until its reply
 is out. No task and no future per command otherwise: with a non-pipelining client a letter is
@@ -79,6 +81,7 @@ class SmtpServer:
         self._prefix = f"{os.getpid():x}"
         self._sweeper: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._dirty: list[_SmtpProtocol] = []  # connections with replies to write this turn
         self.stopping = False
 
     @property
@@ -127,6 +130,11 @@ class SmtpServer:
     def protocol(self, kind: str) -> asyncio.Protocol:
         """The protocol for one new connection to a listener of `kind`."""
         return _SmtpProtocol(self, kind)
+
+    def _flush_all(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for protocol in dirty:
+            protocol._flush_now()
 
     def next_conn_id(self) -> str:
         return f"{self._prefix}.{next(self._ids)}"
@@ -232,6 +240,7 @@ class _SmtpProtocol(asyncio.Protocol):
         self.deadline = 0.0  # loop time after which waiting for the client times out
         self._ip: str | None = None  # counted against the per-IP limit
         self._out: list[bytes] = []
+        self._queued = False  # in the server's list of connections to flush
         self._task: asyncio.Task[None] | None = None  # a command (or hand-off) in progress
         self._paused_writing = False
         self._paused_reading = False
@@ -365,11 +374,11 @@ class _SmtpProtocol(asyncio.Protocol):
         self._write(conn.send(reply))
         state = conn.state
         if state is smtp.State.TLS_PENDING:
-            self._flush()
+            self._flush_now()
             self._task = self.loop.create_task(self._start_tls(conn))
             return True
         if state is smtp.State.TURNED:
-            self._flush()
+            self._flush_now()
             self._task = self.loop.create_task(self._turn(conn))
             return True
         if state is smtp.State.CLOSED:
@@ -468,6 +477,20 @@ class _SmtpProtocol(asyncio.Protocol):
             trace("server", "S", data)
 
     def _flush(self) -> None:
+        """Write the replies at the end of this loop turn, together with those of the other
+        connections (as Redis writes its replies before the loop sleeps): a client that holds
+        several sessions is woken once for all of them rather than once per reply."""
+        if not self._out or self._queued:
+            return
+        self._queued = True
+        dirty = self.server._dirty
+        if not dirty:
+            self.loop.call_soon(self.server._flush_all)
+        dirty.append(self)
+
+    def _flush_now(self) -> None:
+        """Write the replies now (before closing, STARTTLS or a TURN hand-off)."""
+        self._queued = False
         out = self._out
         if out:
             t = self.transport
@@ -491,7 +514,7 @@ class _SmtpProtocol(asyncio.Protocol):
         """Flush and close (plain TCP at once; TLS after its close_notify). A command still in
         progress finishes on its own (a letter being committed is never cut off); its reply
         goes nowhere."""
-        self._flush()
+        self._flush_now()
         self._done = True
         if self.transport is not None:
             self.transport.close()
