@@ -216,3 +216,17 @@ async def test_where_a_letter_is_written_depends_on_its_size(
     insert_thread = "MainThread" if size <= HEAVY_BODY else "pochta-sqlite-jobs"
     assert seen == [("INSERT", insert_thread), ("COMMIT", thread)]
     assert (size > LOOP_COMMIT) is (thread != "MainThread")
+
+
+async def test_the_embedded_store_resolves_a_recipient_at_once(tmp_path: Path) -> None:
+    """SQLite answers `resolve_now` on the calling thread (the SMTP server then needs no task
+    for RCPT); a removed user is unknown at once, as to `resolve`."""
+    store = await _opened(tmp_path / "mail.db")
+    try:
+        assert store.resolve_now("Bob@Example.test") == (True, "bob@example.test")
+        assert store.resolve_now("nobody@example.test") == (True, None)
+        await store.remove_user("bob@example.test")
+        assert store.resolve_now("bob@example.test") == (True, None)
+    finally:
+        await store.close()
+    assert store.resolve_now("bob@example.test") == (False, None)  # closed: ask resolve()

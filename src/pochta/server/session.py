@@ -24,7 +24,7 @@ from pochta import log as maillog
 from pochta import smtp
 from pochta.auth import sasl
 from pochta.auth.throttle import FailureThrottle, auth_failure_log_line
-from pochta.errors import StoreUnavailable
+from pochta.errors import StoreError, StoreUnavailable
 from pochta.message import headers, ids, received
 from pochta.smtp import Reply
 from pochta.smtp import replies as R
@@ -223,7 +223,9 @@ class Session:
 
     def _respond(self, event: smtp.Command) -> Reply | None:
         kind = type(event)  # events are final classes; the commands of a letter come first
-        if kind is smtp.RcptTo or kind is smtp.EndOfData:
+        if kind is smtp.RcptTo:
+            return self._rcpt_now(cast(smtp.RcptTo, event).path)
+        if kind is smtp.EndOfData:
             return None
         if kind is smtp.MailFrom:
             return self._mail_now(cast(smtp.MailFrom, event))
@@ -326,6 +328,22 @@ class Session:
             return False
         owner = await self.ctx.store.resolve(address)
         return owner == self.user.address
+
+    def _rcpt_now(self, path: smtp.Path) -> Reply | None:
+        """RCPT for an existing user when the store can tell at once (the usual recipient);
+        None when it cannot, or for anything else: then `_rcpt` decides."""
+        tx = self.tx
+        if tx is None or not path.domain:
+            return None
+        address = normalize_address(path.address)
+        try:
+            known, user = self.ctx.store.resolve_now(address)
+        except StoreError:
+            return None  # `_rcpt` asks again and answers for the store's state
+        if not known or user is None:
+            return None
+        tx.targets.setdefault(user, address)
+        return R.RECIPIENT_OK
 
     async def _rcpt(self, path: smtp.Path) -> Reply:
         tx = self.tx

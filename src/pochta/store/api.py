@@ -324,6 +324,11 @@ class MailStore(Protocol):
         """The user address that mail for `address` goes to (a user, or an alias's owner); None if
         no such recipient exists in a hosted domain."""
 
+    def resolve_now(self, address: str) -> tuple[bool, str | None]:
+        """`resolve()` answered on the spot when the engine can do so without waiting (an
+        indexed read on the calling thread): (True, owner or None). (False, None) when it
+        cannot: then `await resolve()`. Spares the SMTP server a task per RCPT."""
+
     # -- mail ---------------------------------------------------------------------------------
     async def deliver(self, letter: Letter) -> Accepted:
         """Store the body once, a copy per target, queue `outbound`; one durable transaction.

@@ -456,6 +456,17 @@ class _Readers:
     async def run(self, fn: Callable[[Conn], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._run, fn)
 
+    def now(self, fn: Callable[[Conn], T]) -> tuple[bool, T | None]:
+        """`run_here` without waiting: (True, result), or (False, None) when the database is
+        busy (then the caller awaits `run_here`, which falls back to the pool)."""
+        conn = self._inline()
+        try:
+            return True, fn(conn)
+        except sqlite3.OperationalError:
+            return False, None
+        except Exception as exc:
+            raise _translate(exc) from exc
+
     async def run_here(self, fn: Callable[[Conn], T]) -> T:
         """Run a small indexed lookup on the calling (event loop) thread.
 
@@ -463,18 +474,23 @@ class _Readers:
         writer). The loop's connection gives up after INLINE_BUSY_MS if the database is busy
         (e.g. WAL recovery), and the lookup then goes to the pool instead of stalling the loop.
         """
-        conn: Conn | None = getattr(self._local, "inline", None)
-        if conn is None:
-            conn = _connect(self._path, INLINE_BUSY_MS, readonly=True)
-            self._local.inline = conn
-            with self._lock:
-                self._conns.append(conn)
+        conn = self._inline()
         try:
             return fn(conn)  # one statement: its own implicit read transaction
         except sqlite3.OperationalError:
             return await self.run(fn)
         except Exception as exc:
             raise _translate(exc) from exc
+
+    def _inline(self) -> Conn:
+        """This thread's (the event loop's) own read connection."""
+        conn: Conn | None = getattr(self._local, "inline", None)
+        if conn is None:
+            conn = _connect(self._path, INLINE_BUSY_MS, readonly=True)
+            self._local.inline = conn
+            with self._lock:
+                self._conns.append(conn)
+        return conn
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -1104,6 +1120,12 @@ class SqliteStore:
     async def resolve(self, address: str) -> str | None:
         address = normalize_address(address)
         return await self._lookup(lambda c: _resolve(c, address))
+
+    def resolve_now(self, address: str) -> tuple[bool, str | None]:
+        if self._readers is None:
+            return False, None
+        address = normalize_address(address)
+        return self._readers.now(lambda c: _resolve(c, address))
 
     # -- mail -----------------------------------------------------------------------------------
 

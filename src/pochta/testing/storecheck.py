@@ -134,6 +134,9 @@ async def check_aliases_and_resolve(store: MailStore) -> None:
     assert await store.resolve("postmaster@example.test") == "postmaster@example.test"
     assert await store.resolve("nobody@example.test") is None
     assert await store.resolve("bob@elsewhere.test") is None
+    for address in ("ROBERT@example.test", "bob@example.test", "nobody@example.test"):
+        known, owner = store.resolve_now(address)  # at once, or not at all: never a wrong answer
+        assert not known or owner == await store.resolve(address)
     await raises(Conflict, store.add_alias("robert@example.test", "bob@example.test"))
     await raises(Conflict, store.add_alias("bob@example.test", "postmaster@example.test"))
     await raises(Conflict, store.add_user("robert@example.test", "h"))
@@ -144,6 +147,7 @@ async def check_aliases_and_resolve(store: MailStore) -> None:
     ]
     await store.remove_alias("robert@example.test")
     assert await store.resolve("robert@example.test") is None
+    assert store.resolve_now("robert@example.test")[1] is None
     await raises(NotFound, store.remove_alias("robert@example.test"))
     await store.add_alias("bobby@example.test", "bob@example.test")
     await store.remove_user("bob@example.test")
