@@ -15,7 +15,7 @@ from pochta.errors import NotFound, StoreUnavailable
 from pochta.store._common import load_migrations
 from pochta.store._walsync import WalSync
 from pochta.store.api import Target
-from pochta.store.sqlite import HEAVY_BODY, LOOP_COMMIT, SqliteStore
+from pochta.store.sqlite import CHECKPOINT_BYTES, HEAVY_BODY, LOOP_COMMIT, SqliteStore
 from pochta.testing.storecheck import letter
 
 
@@ -230,3 +230,21 @@ async def test_the_embedded_store_resolves_a_recipient_at_once(tmp_path: Path) -
     finally:
         await store.close()
     assert store.resolve_now("bob@example.test") == (False, None)  # closed: ask resolve()
+
+
+async def test_the_wal_is_checkpointed_by_size_too(tmp_path: Path) -> None:
+    """The writer checkpoints the WAL itself (between batches, off the loop): after
+    CHECKPOINT_EVERY commits or CHECKPOINT_BYTES of letters, whichever comes first, so the WAL
+    file (reused from its start after a checkpoint) stays bounded when letters are large."""
+    db = tmp_path / "mail.db"
+    store = await _opened(db)
+    body = b"Subject: big\r\n\r\n" + b"x" * (100 * 1024)
+    try:
+        for _ in range(30):  # 120 letters of 100 KiB: 12 MB, three times CHECKPOINT_BYTES
+            group = [letter(body, targets=[Target("bob@example.test")]) for _ in range(4)]
+            await asyncio.gather(*(store.deliver(m) for m in group))
+        assert len(await store.list_messages("bob@example.test")) == 120
+        wal = Path(f"{db}-wal").stat().st_size  # (the last connection's close removes it)
+    finally:
+        await store.close()
+    assert wal < CHECKPOINT_BYTES + 2 * 1024 * 1024

@@ -66,7 +66,8 @@ T = TypeVar("T")
 Conn = sqlite3.Connection
 BUSY_TIMEOUT_MS = 5000
 MAX_BATCH = 500  # write requests per group commit
-CHECKPOINT_EVERY = 100  # group commits between two checkpoints of the WAL (about 1000 pages)
+CHECKPOINT_EVERY = 100  # group commits between two checkpoints of the WAL (about 1000 pages)...
+CHECKPOINT_BYTES = 4 * 1024 * 1024  # ...or fewer, once this much letter went into the WAL
 HEAVY_BODY = 256 * 1024  # letters larger than this are written off the event loop
 LOOP_COMMIT = 32 * 1024  # batches with more letter than this COMMIT (write the WAL) off the loop
 JOIN_BODY = 64 * 1024  # smaller bodies are joined and inserted whole, larger ones in place
@@ -137,7 +138,8 @@ class _Writer:
     `synchronous=FULL` on a commit thread (waking it and taking the GIL back after each fsync
     cost the loop about a tenth of its time). A batch with more than LOOP_COMMIT octets of
     letter COMMITs (writes its WAL frames) on the job thread, one with a letter over HEAVY_BODY
-    runs there whole, and so does the WAL checkpoint every CHECKPOINT_EVERY commits
+    runs there whole, and so does the WAL checkpoint every CHECKPOINT_EVERY commits (sooner
+    after CHECKPOINT_BYTES of letters)
     (between batches: SQLite's automatic one would run inside COMMIT on the loop). Several
     processes sharing the database (`workers`) take the write lock in turn: BEGIN IMMEDIATE is
     retried every few hundred microseconds, never blocking the loop.
@@ -158,6 +160,7 @@ class _Writer:
             self._conn.execute("PRAGMA schema_version").fetchone()  # opens (makes) the WAL file
             self._sync = WalSync(self.loop, path + "-wal")
         self._since_checkpoint = 0  # commits since the last checkpoint
+        self._wal_letters = 0  # octets of letter committed since the last checkpoint
         self._broken: StoreUnavailable | None = None  # set for good when a WAL sync failed
         self._busy_ms = busy_ms
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
@@ -287,7 +290,6 @@ class _Writer:
         exc: BaseException | None,
     ) -> None:
         """Back on the loop after a heavy batch ran on the job thread."""
-        self._since_checkpoint += CHECKPOINT_EVERY  # a large letter: checkpoint after it
         if isinstance(exc, _Isolate):
             self._isolate(batch)
         elif exc is not None or outcome is None:
@@ -320,8 +322,9 @@ class _Writer:
         # The next batch runs (and its sync starts) before this batch's callers wake, so that
         # its sync overlaps with writing their replies.
         self._since_checkpoint += 1
-        if self._since_checkpoint >= CHECKPOINT_EVERY:
-            self._since_checkpoint = 0
+        self._wal_letters += sum(request.size for request, _, _ in results)
+        if self._since_checkpoint >= CHECKPOINT_EVERY or self._wal_letters >= CHECKPOINT_BYTES:
+            self._since_checkpoint = self._wal_letters = 0
             self._jobs.put((self._checkpoint, lambda _v, _e: self._next()))
         elif self._pending:
             self._start()
