@@ -132,9 +132,14 @@ class SmtpServer:
         return _SmtpProtocol(self, kind)
 
     def _flush_all(self) -> None:
+        """End of the loop turn: write the replies of every connection that has some."""
         dirty, self._dirty = self._dirty, []
         for protocol in dirty:
-            protocol._flush_now()
+            try:
+                protocol._flush_now()
+            except Exception:  # one transport's failure never keeps the others' replies
+                log.exception("writing replies failed")
+                protocol.abort()
 
     def next_conn_id(self) -> str:
         return f"{self._prefix}.{next(self._ids)}"
