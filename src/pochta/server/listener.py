@@ -10,11 +10,12 @@ Each connection is an asyncio Protocol (`_SmtpProtocol`) driven by the bytes tha
 into the core, its events to the Session, and the replies out in one write per batch of input
 (so pipelined replies go out together, RFC 2920 §3), made at the end of the loop turn for all
 connections that have replies: a client holding many sessions (a relay, a load generator) is
-woken once for them all. A command that needs no store (EHLO, MAIL on
-port 25, DATA, RSET, QUIT...) is answered right there; one that waits (RCPT, the end of the data,
-AUTH, the relay verbs) runs as a task and the connection takes no further input until its reply
-is out. No task and no future per command otherwise: with a non-pipelining client a letter is
-seven round trips, and each layer per round trip costs CPU on every one of them.
+woken once for them all. A command that needs no store (EHLO, MAIL on port 25, DATA, RSET,
+QUIT...), or that the store answers at once (RCPT of a known user on SQLite), is answered right
+there; one that waits (other RCPTs, the end of the data, AUTH, the relay verbs) runs as a task
+and the connection takes no further input until its reply is out. No task and no future per
+command otherwise: with a non-pipelining client a letter is seven round trips, and each layer
+per round trip costs CPU on every one of them.
 """
 
 from __future__ import annotations
