@@ -13,9 +13,10 @@ import pytest
 
 from pochta.errors import NotFound, StoreUnavailable
 from pochta.store._common import load_migrations
+from pochta.store._sqlite_writer import CHECKPOINT_BYTES, HEAVY_BODY, LOOP_COMMIT
 from pochta.store._walsync import WalSync
 from pochta.store.api import Target
-from pochta.store.sqlite import CHECKPOINT_BYTES, HEAVY_BODY, LOOP_COMMIT, SqliteStore
+from pochta.store.sqlite import SqliteStore
 from pochta.testing.storecheck import letter
 
 

@@ -4,7 +4,7 @@ Durability and concurrency:
 - WAL journal, foreign keys on, busy timeout. Every commit is durable before its callers hear
   of it: the writer's COMMIT (`synchronous=NORMAL`) writes the WAL, then `WalSync` syncs it
   (Linux AIO; together what `synchronous=FULL` does); other connections use FULL.
-- Every write goes through ONE writer connection doing group commit (`_Writer`): it takes all
+- Every write goes through ONE writer connection doing group commit (`Writer`): it takes all
   queued write requests, runs them inside one `BEGIN IMMEDIATE ... COMMIT`, syncs the WAL and
   resolves the callers' futures only after that sync completed. When one request of a batch
   fails, the batch is rolled back and its requests run again one per transaction, so the
@@ -18,28 +18,24 @@ Durability and concurrency:
   recorded in `schema_version`.
 
 Imports stdlib, `pochta.errors`, `pochta.store.api`, `pochta.store._common`,
-`pochta.store._walsync`.
+`pochta.store._sqlite_writer` (the writer).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import logging
-import queue
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pochta.errors import Conflict, NotFound, StoreError, StoreUnavailable
+from pochta.errors import Conflict, NotFound, StoreUnavailable
 from pochta.store import _common as cm
-from pochta.store._walsync import WalSync
+from pochta.store._sqlite_writer import Conn, Request, Writer, connect, translate
 from pochta.store.api import (
     DEFAULT_FOLDERS,
     Accepted,
@@ -63,365 +59,9 @@ from pochta.store.api import (
 )
 
 T = TypeVar("T")
-Conn = sqlite3.Connection
 BUSY_TIMEOUT_MS = 5000
-MAX_BATCH = 500  # write requests per group commit
-CHECKPOINT_EVERY = 100  # group commits between two checkpoints of the WAL (about 1000 pages)...
-CHECKPOINT_BYTES = 4 * 1024 * 1024  # ...or fewer, once this much letter went into the WAL
-HEAVY_BODY = 256 * 1024  # letters larger than this are written off the event loop
-LOOP_COMMIT = 32 * 1024  # batches with more letter than this COMMIT (write the WAL) off the loop
 JOIN_BODY = 64 * 1024  # smaller bodies are joined and inserted whole, larger ones in place
 INLINE_BUSY_MS = 50  # the event loop's own read connection never waits longer
-
-
-def _connect(path: str, busy_ms: int, *, readonly: bool = False) -> Conn:
-    conn = sqlite3.connect(
-        path, isolation_level=None, check_same_thread=False, timeout=busy_ms / 1000
-    )
-    conn.row_factory = sqlite3.Row
-    conn.execute(f"PRAGMA busy_timeout = {int(busy_ms)}")
-    conn.execute("PRAGMA synchronous = FULL")
-    conn.execute("PRAGMA foreign_keys = ON")
-    if readonly:
-        conn.execute("PRAGMA query_only = ON")
-    else:
-        conn.execute("PRAGMA journal_mode = WAL")
-    return conn
-
-
-def _translate(exc: BaseException) -> BaseException:
-    """Driver exceptions never leave the engine (see api.py)."""
-    if isinstance(exc, StoreError):
-        return exc
-    if isinstance(exc, sqlite3.IntegrityError):
-        return Conflict(f"sqlite: {exc}")
-    if isinstance(exc, sqlite3.Error):
-        return StoreUnavailable(f"sqlite: {exc}")
-    return exc
-
-
-def _settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
-    if fut.cancelled():
-        return
-    if exc is not None:
-        fut.set_exception(exc)
-    else:
-        fut.set_result(value)
-
-
-# -- the writer (group commit) ------------------------------------------------------------------
-
-
-class _Request:
-    def __init__(
-        self, fn: Callable[[Conn], Any], future: asyncio.Future[Any], size: int = 0
-    ) -> None:
-        self.fn = fn
-        self.future = future
-        self.size = size  # octets of letter it writes: large ones are written off the loop
-
-
-_Result = tuple[_Request, Any, BaseException | None]
-_Job = tuple[Callable[[], Any], Callable[[Any, BaseException | None], None]]
-
-
-class _Writer:
-    """Group commit on ONE connection, driven from the event loop.
-
-    Write requests queue up while a batch is being committed and synced; then the next batch
-    takes them all. A batch's statements and its COMMIT run on the event loop thread (small
-    indexed writes take microseconds; with `synchronous=NORMAL` the COMMIT only writes the WAL);
-    then `WalSync` syncs the WAL while the loop serves connections, and the callers' futures
-    are resolved when the sync completed. The next batch starts before they are, so its sync
-    overlaps with writing their replies. Earlier designs, measured: statements on a writer
-    thread (a GIL hand-off per statement, milliseconds per letter under load); COMMIT with
-    `synchronous=FULL` on a commit thread (waking it and taking the GIL back after each fsync
-    cost the loop about a tenth of its time). A batch with more than LOOP_COMMIT octets of
-    letter COMMITs (writes its WAL frames) on the job thread, one with a letter over HEAVY_BODY
-    runs there whole, and so does the WAL checkpoint every CHECKPOINT_EVERY commits (sooner
-    after CHECKPOINT_BYTES of letters)
-    (between batches: SQLite's automatic one would run inside COMMIT on the loop). Several
-    processes sharing the database (`workers`) take the write lock in turn: BEGIN IMMEDIATE is
-    retried every few hundred microseconds, never blocking the loop.
-    """
-
-    def __init__(self, path: str, busy_ms: int) -> None:
-        # Setting up the connection may wait for another process (its first statements read
-        # the schema); after that BEGIN IMMEDIATE is retried from the loop, never blocking it.
-        self._conn = _connect(path, busy_ms)
-        self._conn.execute("PRAGMA busy_timeout = 0")
-        self.loop = asyncio.get_running_loop()  # made on the loop that uses it (store.open)
-        self._sync: WalSync | None = None
-        if path != ":memory:":
-            # COMMIT writes the WAL, WalSync makes it durable before anyone hears of it; the
-            # checkpoints run between batches off the loop (`_checkpoint`), not inside COMMIT.
-            self._conn.execute("PRAGMA synchronous = NORMAL")
-            self._conn.execute("PRAGMA wal_autocheckpoint = 0")
-            self._conn.execute("PRAGMA schema_version").fetchone()  # opens (makes) the WAL file
-            self._sync = WalSync(self.loop, path + "-wal")
-        self._since_checkpoint = 0  # commits since the last checkpoint
-        self._wal_letters = 0  # octets of letter committed since the last checkpoint
-        self._broken: StoreUnavailable | None = None  # set for good when a WAL sync failed
-        self._busy_ms = busy_ms
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        # (not `_thread`: mypyc would name the C field `__thread`, a C keyword)
-        self._committer = threading.Thread(
-            target=self._run_jobs, name="pochta-sqlite-jobs", daemon=True
-        )
-        self._pending: list[_Request] = []
-        self._alone = 0  # requests to run one per transaction (after a failed batch)
-        self._busy = False
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._lock_since = 0.0
-        self.commits = 0
-        self._committer.start()
-
-    def submit(self, request: _Request) -> None:
-        if self._broken is not None:
-            _settle(request.future, None, self._broken)
-            return
-        self._pending.append(request)
-        if not self._busy:
-            self._busy = True
-            self._idle.clear()
-            self.loop.call_soon(self._start)
-
-    def _start(self) -> None:
-        # After a failed batch its requests run one per transaction (`_alone` of them), counted
-        # down only when one has really run (not when the lock was busy).
-        size = 1 if self._alone else MAX_BATCH
-        batch, self._pending = self._pending[:size], self._pending[size:]
-        if not batch:
-            self._finish()
-            return
-        loop = self.loop
-        if any(r.size > HEAVY_BODY for r in batch):
-            self._ran(batch)
-            self._jobs.put((lambda: self._run_all(batch), lambda v, e: self._settle(batch, v, e)))
-            return
-        try:
-            self._conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            if _is_busy(exc) and self._retry_later(loop):  # another process holds the lock
-                self._pending[:0] = batch
-                return
-            self._ran(batch)
-            self._fail(batch, exc)
-            self._next()
-            return
-        self._lock_since = 0.0
-        self._ran(batch)
-        try:
-            results = _run_requests(self._conn, batch)
-        except _Isolate:
-            self._isolate(batch)
-            self._next()
-            return
-        if not self._conn.in_transaction:  # a lone request failed: rolled back, nothing to commit
-            self._resolve(results)
-            self._next()
-            return
-        if sum(r.size for r in batch) > LOOP_COMMIT:  # its WAL writes go to the job thread
-            self._jobs.put((self._commit, lambda _, exc: self._committed(results, exc)))
-            return
-        try:
-            self._commit()
-        except sqlite3.Error as exc:
-            self._committed(results, exc)
-            return
-        self._committed(results, None)
-
-    def _ran(self, batch: list[_Request]) -> None:
-        """The batch runs (or fails) now: fewer requests are left to run alone."""
-        self._alone = max(0, self._alone - len(batch))
-
-    def _run_jobs(self) -> None:
-        """The job thread: run each job, hand its outcome back to the loop."""
-        while (job := self._jobs.get()) is not None:
-            work, done = job
-            try:
-                value, error = work(), None
-            except BaseException as exc:
-                value, error = None, exc
-            try:
-                self.loop.call_soon_threadsafe(done, value, error)
-            except RuntimeError:  # the loop is closed: nobody waits for the outcome any more
-                return
-
-    def _retry_later(self, loop: asyncio.AbstractEventLoop) -> bool:
-        now = time.monotonic()
-        self._lock_since = self._lock_since or now
-        if now - self._lock_since > self._busy_ms / 1000:
-            self._lock_since = 0.0
-            return False
-        loop.call_later(0.0003, self._start)
-        return True
-
-    def _commit(self) -> None:
-        """COMMIT (the WAL written, not yet synced); undone if it fails."""
-        try:
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._rollback()
-            raise
-
-    def _run_all(self, batch: list[_Request]) -> tuple[list[_Result], bool]:
-        """On the job thread: a whole batch with a heavy request; True if it committed."""
-        deadline = time.monotonic() + self._busy_ms / 1000
-        while True:
-            try:
-                self._conn.execute("BEGIN IMMEDIATE")
-                break
-            except sqlite3.OperationalError as exc:
-                if not _is_busy(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.0003)
-        results = _run_requests(self._conn, batch)
-        if not self._conn.in_transaction:
-            return results, False
-        self._commit()
-        return results, True
-
-    def _settle(
-        self,
-        batch: list[_Request],
-        outcome: tuple[list[_Result], bool] | None,
-        exc: BaseException | None,
-    ) -> None:
-        """Back on the loop after a heavy batch ran on the job thread."""
-        if isinstance(exc, _Isolate):
-            self._isolate(batch)
-        elif exc is not None or outcome is None:
-            self._fail(batch, exc)
-        elif outcome[1]:
-            self._committed(outcome[0], None)
-            return
-        else:
-            self._resolve(outcome[0])
-        self._next()
-
-    def _committed(self, results: list[_Result], exc: BaseException | None) -> None:
-        """COMMIT returned: sync the WAL, and only then tell the callers."""
-        if exc is not None:  # nothing of the batch was committed (COMMIT rolled it back)
-            self._fail([r for r, _, _ in results], exc)
-            self._next()
-            return
-        if self._sync is None:
-            self._synced(results, None)
-        else:
-            self._sync.start(lambda exc: self._synced(results, exc))
-
-    def _synced(self, results: list[_Result], exc: BaseException | None) -> None:
-        if exc is not None:
-            self._break(exc)
-            for request, _, _ in results:
-                _settle(request.future, None, self._broken)
-            self._finish()
-            return
-        # The next batch runs (and its sync starts) before this batch's callers wake, so that
-        # its sync overlaps with writing their replies.
-        self._since_checkpoint += 1
-        self._wal_letters += sum(request.size for request, _, _ in results)
-        if self._since_checkpoint >= CHECKPOINT_EVERY or self._wal_letters >= CHECKPOINT_BYTES:
-            self._since_checkpoint = self._wal_letters = 0
-            self._jobs.put((self._checkpoint, lambda _v, _e: self._next()))
-        elif self._pending:
-            self._start()
-        else:
-            self._finish()
-        self.commits += 1
-        self._resolve(results)
-
-    def _break(self, exc: BaseException) -> None:
-        """A sync of the WAL failed: what it covered may be lost from the disk, and SQLite's
-        recovery stops at the first bad frame, so a later commit synced on top of it could be
-        lost too. Nothing more is written until a restart (which recovers the WAL)."""
-        if self._broken is None:
-            self._broken = StoreUnavailable(f"sqlite: the WAL could not be synced: {exc}")
-            logging.getLogger("pochta.store").error(
-                "%s; refusing every write until pochta restarts", self._broken
-            )
-        pending, self._pending = self._pending, []
-        for request in pending:
-            _settle(request.future, None, self._broken)
-
-    def _checkpoint(self) -> None:
-        """On the job thread, between batches: copy the WAL into the database (PASSIVE: it
-        never waits for readers). It syncs the WAL before and the database after copying."""
-        with contextlib.suppress(sqlite3.Error):
-            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-
-    def _isolate(self, batch: list[_Request]) -> None:
-        """A request of `batch` failed and the batch was rolled back: run its requests again,
-        one per transaction."""
-        self._pending[:0] = batch
-        self._alone = len(batch)
-
-    @staticmethod
-    def _resolve(results: list[_Result]) -> None:
-        for request, value, error in results:
-            _settle(request.future, value, error)
-
-    def _next(self) -> None:
-        if self._pending:
-            self.loop.call_soon(self._start)
-        else:
-            self._finish()
-
-    def _finish(self) -> None:
-        self._busy = False
-        self._idle.set()
-
-    def _rollback(self) -> None:
-        if self._conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.execute("ROLLBACK")
-
-    @staticmethod
-    def _fail(batch: list[_Request], exc: BaseException | None) -> None:
-        """The transaction as a whole failed: nothing of the batch was committed."""
-        for request in batch:
-            _settle(request.future, None, StoreUnavailable(f"sqlite transaction failed: {exc}"))
-
-    async def close(self) -> None:
-        """Let queued requests commit, then close the connection."""
-        while self._busy or self._pending:
-            await self._idle.wait()
-        closed: asyncio.Future[None] = self.loop.create_future()
-        self._jobs.put((self._conn.close, lambda _, exc: _settle(closed, None, exc)))
-        self._jobs.put(None)
-        await closed
-        await asyncio.to_thread(self._committer.join)
-        if self._sync is not None:
-            self._sync.close()
-
-
-def _is_busy(exc: sqlite3.OperationalError) -> bool:
-    text = str(exc)
-    return "locked" in text or "busy" in text
-
-
-class _Isolate(Exception):
-    """A request of a batch failed; the batch was rolled back (to run one request at a time)."""
-
-
-def _run_requests(conn: Conn, batch: list[_Request]) -> list[_Result]:
-    """Run the batch's requests in the open transaction. A lone request that fails is rolled
-    back and gets its error; a failure in a larger batch rolls it back and raises _Isolate."""
-    results: list[_Result] = []
-    for request in batch:
-        try:
-            value = request.fn(conn)
-        except Exception as exc:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            if len(batch) > 1:
-                raise _Isolate() from exc
-            return [(request, None, _translate(exc))]
-        results.append((request, value, None))
-    return results
 
 
 # -- read connections ---------------------------------------------------------------------------
@@ -439,7 +79,7 @@ class _Readers:
     def _conn(self) -> Conn:
         conn: Conn | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = _connect(self._path, self._busy_ms, readonly=True)
+            conn = connect(self._path, self._busy_ms, readonly=True)
             self._local.conn = conn
             with self._lock:
                 self._conns.append(conn)
@@ -454,7 +94,7 @@ class _Readers:
             finally:
                 conn.execute("ROLLBACK")
         except Exception as exc:
-            raise _translate(exc) from exc
+            raise translate(exc) from exc
 
     async def run(self, fn: Callable[[Conn], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._run, fn)
@@ -468,7 +108,7 @@ class _Readers:
         except sqlite3.OperationalError:
             return False, None
         except Exception as exc:
-            raise _translate(exc) from exc
+            raise translate(exc) from exc
 
     async def run_here(self, fn: Callable[[Conn], T]) -> T:
         """Run a small indexed lookup on the calling (event loop) thread.
@@ -483,13 +123,13 @@ class _Readers:
         except sqlite3.OperationalError:
             return await self.run(fn)
         except Exception as exc:
-            raise _translate(exc) from exc
+            raise translate(exc) from exc
 
     def _inline(self) -> Conn:
         """This thread's (the event loop's) own read connection."""
         conn: Conn | None = getattr(self._local, "inline", None)
         if conn is None:
-            conn = _connect(self._path, INLINE_BUSY_MS, readonly=True)
+            conn = connect(self._path, INLINE_BUSY_MS, readonly=True)
             self._local.inline = conn
             with self._lock:
                 self._conns.append(conn)
@@ -520,7 +160,7 @@ def _statements(script: str) -> Iterator[str]:
 
 
 def _migrate(path: str, busy_ms: int) -> None:
-    conn = _connect(path, busy_ms)
+    conn = connect(path, busy_ms)
     try:
         conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY,"
@@ -987,7 +627,7 @@ class SqliteStore:
         self.path = str(path)
         self._busy_ms = busy_timeout_ms
         self._reader_count = readers
-        self._writer: _Writer | None = None
+        self._writer: Writer | None = None
         self._readers: _Readers | None = None
 
     @property
@@ -1001,7 +641,7 @@ class SqliteStore:
         if self._writer is None:
             raise StoreUnavailable("the store is not open")
         future: asyncio.Future[T] = self._writer.loop.create_future()
-        self._writer.submit(_Request(fn=fn, future=future, size=size))
+        self._writer.submit(Request(fn=fn, future=future, size=size))
         return await future
 
     async def _read(self, fn: Callable[[Conn], T]) -> T:
@@ -1028,7 +668,7 @@ class SqliteStore:
         except (sqlite3.Error, OSError) as exc:
             raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
         try:
-            self._writer = _Writer(self.path, self._busy_ms)
+            self._writer = Writer(self.path, self._busy_ms)
         except (sqlite3.Error, OSError) as exc:
             raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
         self._readers = _Readers(self.path, self._reader_count, self._busy_ms)
