@@ -110,13 +110,15 @@ class _Aio:
         numbers = _SYSCALLS.get(platform.machine())
         if numbers is None or not hasattr(os, "eventfd"):
             raise OSError("no Linux AIO here")
-        self._setup, self._destroy, self._getevents, self._submit = numbers
+        # syscall() is variadic: every argument passed as a C long, none as a promoted int
+        setup, self._destroy, self._getevents, self._submit = map(ctypes.c_long, numbers)
+        self._one, self._none, self._slots = ctypes.c_long(1), ctypes.c_long(0), ctypes.c_long(4)
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._syscall = self._libc.syscall
         self._syscall.restype = ctypes.c_long
         self.eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._ctx = ctypes.c_ulong(0)
-        if self._syscall(self._setup, 4, ctypes.byref(self._ctx)) != 0:
+        if self._syscall(setup, self._slots, ctypes.byref(self._ctx)) != 0:
             err = ctypes.get_errno()
             os.close(self.eventfd)
             raise OSError(err, f"io_setup: {os.strerror(err)}")
@@ -138,7 +140,7 @@ class _Aio:
             raise
 
     def submit(self) -> None:
-        if self._syscall(self._submit, self._ctx, 1, self._iocbs) != 1:
+        if self._syscall(self._submit, self._ctx, self._one, self._iocbs) != 1:
             err = ctypes.get_errno()
             raise OSError(err, f"io_submit: {os.strerror(err)}")
 
@@ -146,7 +148,9 @@ class _Aio:
         """Take the completion (if any) after the eventfd fired; raise for a failed sync."""
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.eventfd)
-        n: int = self._syscall(self._getevents, self._ctx, 0, 4, self._events, self._no_wait)
+        n: int = self._syscall(
+            self._getevents, self._ctx, self._none, self._slots, self._events, self._no_wait
+        )
         if n < 0:
             err = ctypes.get_errno()
             raise OSError(err, f"io_getevents: {os.strerror(err)}")
