@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from pochta.errors import Conflict, NotFound, StoreUnavailable
 from pochta.store import _common as cm
@@ -100,30 +100,25 @@ class _Readers:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._run, fn)
 
     def now(self, fn: Callable[[Conn], T]) -> tuple[bool, T | None]:
-        """`run_here` without waiting: (True, result), or (False, None) when the database is
-        busy (then the caller awaits `run_here`, which falls back to the pool)."""
+        """Run a small indexed lookup on the calling (event loop) thread: (True, result), or
+        (False, None) when the database is busy (then `run_here` asks the pool).
+
+        A hop to the pool costs more than such a query (WAL readers do not wait for the
+        writer). The loop's connection gives up after INLINE_BUSY_MS if the database is busy
+        (e.g. WAL recovery), so the loop is never stalled.
+        """
         conn = self._inline()
         try:
-            return True, fn(conn)
+            return True, fn(conn)  # one statement: its own implicit read transaction
         except sqlite3.OperationalError:
             return False, None
         except Exception as exc:
             raise translate(exc) from exc
 
     async def run_here(self, fn: Callable[[Conn], T]) -> T:
-        """Run a small indexed lookup on the calling (event loop) thread.
-
-        A hop to the pool costs more than such a query (WAL readers do not wait for the
-        writer). The loop's connection gives up after INLINE_BUSY_MS if the database is busy
-        (e.g. WAL recovery), and the lookup then goes to the pool instead of stalling the loop.
-        """
-        conn = self._inline()
-        try:
-            return fn(conn)  # one statement: its own implicit read transaction
-        except sqlite3.OperationalError:
-            return await self.run(fn)
-        except Exception as exc:
-            raise translate(exc) from exc
+        """`now`, or on the pool when the database is busy."""
+        done, value = self.now(fn)
+        return cast(T, value) if done else await self.run(fn)
 
     def _inline(self) -> Conn:
         """This thread's (the event loop's) own read connection."""
