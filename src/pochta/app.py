@@ -23,6 +23,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from pochta import log as maillog
 from pochta import running_native, smtp
 from pochta import tls as tlsmod
 from pochta.auth.throttle import FailureThrottle
@@ -252,6 +253,7 @@ async def serve(cfg: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    maillog.batch_lines(loop.call_soon)
     try:
         await node.start()
         assert node.server is not None
@@ -268,6 +270,7 @@ async def serve(cfg: Config) -> None:
         log.info("shutting down")
     finally:
         await node.stop()
+        maillog.batch_lines(None)
 
 
 def raise_file_limit() -> None:

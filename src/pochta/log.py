@@ -6,9 +6,11 @@ fail2ban: `event=rejected conn=... ip=... reason=...`. Peer-controlled strings a
 
 from __future__ import annotations
 
+import atexit
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 TRACE = 5
@@ -85,6 +87,7 @@ def _emit(level: int, name: str, fields: dict[str, object]) -> None:
     parts = [f"event={name}"] + [f"{k}={clean(v)}" for k, v in fields.items()]
     line = " ".join(parts)
     if level != logging.INFO or not _direct.write(line):
+        _direct.flush()  # the lines before it first
         maillog.log(level, line)
 
 
@@ -93,7 +96,10 @@ class _Direct:
     same format: a line per letter through `logging` (a LogRecord, filters, a formatter, handler
     locks) cost more than compiling the whole SMTP core saved (`perf` on a running node). Used
     only while the handlers are exactly those `setup()` installed, so anything that adds one
-    (a test's caplog, an embedding application) gets every record through `logging` again."""
+    (a test's caplog, an embedding application) gets every record through `logging` again.
+
+    Under `pochta serve` the lines of one event-loop turn are written together at its end
+    (`batch`): the letters of one group commit are logged in one write rather than one each."""
 
     def __init__(self) -> None:
         self._sinks: list[tuple[logging.StreamHandler[Any], str]] = []
@@ -101,6 +107,8 @@ class _Direct:
         self._own: list[logging.Handler] = []
         self._second = -1
         self._stamp = ""
+        self._defer: Callable[[Callable[[], None]], object] | None = None
+        self._pending: list[tuple[str, str]] = []  # (timestamp, line) waiting for the turn's end
 
     def arm(self, sinks: list[tuple[logging.StreamHandler[Any], str]]) -> None:
         self._sinks = sinks
@@ -124,21 +132,48 @@ class _Direct:
             self._second = second
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
         stamp = f"{self._stamp},{int((now - second) * 1000):03d}"
+        pending = self._pending
+        pending.append((stamp, line))
+        if self._defer is None:
+            self.flush()
+        elif len(pending) == 1:
+            self._defer(self.flush)
+        return True
+
+    def batch(self, call_soon: Callable[[Callable[[], None]], object] | None) -> None:
+        """Write lines at the end of the loop turn they were logged in (`loop.call_soon`), or
+        at once again (None); what is waiting is written first."""
+        self.flush()
+        self._defer = call_soon
+
+    def flush(self) -> None:
+        """Write the waiting lines, one write per stream."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
         for handler, middle in self._sinks:
             if handler.level > logging.INFO:
                 continue
+            text = "".join([f"{stamp}{middle}{line}\n" for stamp, line in pending])
             lock = handler.lock  # what handler.acquire() takes, without its Python frame
             if lock is not None:
                 lock.acquire()
             try:
-                handler.stream.write(f"{stamp}{middle}{line}\n")
+                handler.stream.write(text)
                 handler.stream.flush()
             except (OSError, ValueError):
                 pass  # as in logging: a log line that cannot be written never fails the mail
             finally:
                 if lock is not None:
                     lock.release()
-        return True
 
 
 _direct = _Direct()
+atexit.register(_direct.flush)
+
+
+def batch_lines(call_soon: Callable[[Callable[[], None]], object] | None) -> None:
+    """Mail-event lines logged during an event-loop turn are written at its end, all together
+    (`loop.call_soon`); None writes them at once again. A serving process arms it on its loop."""
+    _direct.batch(call_soon)
