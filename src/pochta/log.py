@@ -91,6 +91,9 @@ def _emit(level: int, name: str, fields: dict[str, object]) -> None:
         maillog.log(level, line)
 
 
+_MILLIS = [f",{ms:03d}" for ms in range(1000)]  # the timestamp's ",123"
+
+
 class _Direct:
     """The INFO mail-event line written straight to the streams `setup()` configured, in the
     same format: a line per letter through `logging` (a LogRecord, filters, a formatter, handler
@@ -117,21 +120,24 @@ class _Direct:
 
     def write(self, line: str) -> bool:
         """Write `line` as the handlers would; False when they are not the ones armed."""
+        sinks = self._sinks
         if (
-            not self._sinks
+            not sinks
             or logging.root.handlers != self._root
             or maillog.handlers != self._own
             or not maillog.propagate
             or maillog.filters
-            or any(handler.filters for handler, _ in self._sinks)
         ):
             return False
+        for handler, _ in sinks:
+            if handler.filters:
+                return False
         now = time.time()
         second = int(now)
         if second != self._second:
             self._second = second
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-        stamp = f"{self._stamp},{int((now - second) * 1000):03d}"
+        stamp = self._stamp + _MILLIS[int((now - second) * 1000) % 1000]
         pending = self._pending
         pending.append((stamp, line))
         if self._defer is None:

@@ -116,3 +116,66 @@ def test_8bit_and_smtputf8() -> None:
     assert needs_smtputf8("Subject: привет\r\n\r\n".encode())
     assert needs_smtputf8(b"Subject: x\r\n\r\n", ["ёж@пример.test"])
     assert not needs_smtputf8(b"Subject: x\r\n\r\n", ["a@b.test"])
+
+
+def _reference_fields(raw: bytes) -> tuple[list[tuple[bytes, bytes]], int]:
+    """The header block read line by line, as RFC 5322 §2.2 states it: the (lowercased name,
+    unfolded value) of each field, and where the header block ends (after the empty line)."""
+    fields: list[tuple[bytes, bytes]] = []
+    start = 0
+    while start < len(raw):
+        newline = raw.find(b"\n", start)
+        end = len(raw) if newline < 0 else newline + 1
+        line = raw[start:end]
+        if start > 0 and line[:1] in (b" ", b"\t") and fields:  # §2.2.3 continuation
+            fields[-1] = (fields[-1][0], fields[-1][1] + line)
+        elif line in (b"\r\n", b"\n", b"\r"):
+            return _unfolded(fields), end
+        else:
+            name, colon, value = line.partition(b":")
+            if not colon or not name.rstrip(b" \t") or name.rstrip(b" \t") != name.strip():
+                return _unfolded(fields), start
+            if any(not 33 <= c <= 126 for c in name.rstrip(b" \t")):
+                return _unfolded(fields), start
+            fields.append((name.rstrip(b" \t").lower(), value))
+        start = end
+    return _unfolded(fields), len(raw)
+
+
+def _unfolded(fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [
+        (n, v.replace(b"\r\n", b"").replace(b"\n", b"").replace(b"\r", b"").strip())
+        for n, v in fields
+    ]
+
+
+_PIECES = [
+    b"From: a@b\r\n", b"to:c@d\n", b"Subject : x\r\n", b"X-A:\r\n", b" folded\r\n",
+    b"\tfolded tab\n", b"\r\n", b"\n", b"\r", b"no colon here\r\n", b" lead\r\n", b"A\r:b\r\n",
+    b"Date: 1\rmid\r\n", b"Message-ID: <m@x>", b"X \t: y\r\n", b"\x7f: z\r\n", b"\xc3\xa9: q\n",
+    b":empty name\r\n", b"Body: after\r\n",
+]  # fmt: skip
+
+
+@given(st.lists(st.sampled_from(_PIECES), max_size=12))
+def test_fields_and_split_agree_with_reading_line_by_line(pieces: list[bytes]) -> None:
+    """iter_fields, split_header_block and parse_summary (one regex, field after field) read
+    exactly what a line-by-line reading of RFC 5322 §2.2 does, on every mix of fields, folded
+    lines, empty lines, bare CR/LF, and lines that end the header block."""
+    from pochta.message import iter_fields
+
+    raw = b"".join(pieces)
+    fields, end = _reference_fields(raw)
+    assert list(iter_fields(raw)) == fields
+    assert split_header_block(raw) == (raw[:end], raw[end:])
+    first: dict[bytes, str] = {}
+    for name, value in fields:
+        first.setdefault(name, value.decode("utf-8", errors="replace"))
+    summary = parse_summary(raw)
+    assert (summary.from_, summary.to, summary.subject, summary.date, summary.message_id) == (
+        first.get(b"from", ""),
+        first.get(b"to", ""),
+        first.get(b"subject", ""),
+        first.get(b"date", ""),
+        first.get(b"message-id", ""),
+    )

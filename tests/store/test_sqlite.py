@@ -233,6 +233,47 @@ async def test_the_embedded_store_resolves_a_recipient_at_once(tmp_path: Path) -
     assert store.resolve_now("bob@example.test") == (False, None)  # closed: ask resolve()
 
 
+async def test_a_recipient_is_looked_up_on_the_writers_connection_between_batches(
+    tmp_path: Path,
+) -> None:
+    """`resolve_now` reads on the writer's connection (its page cache survives its own
+    commits) while that is free, on the loop's read connection while the job thread has it
+    (a large letter being written); a user another process removes is unknown at once."""
+    db = tmp_path / "mail.db"
+    store = await _opened(db)
+    assert store._writer is not None and store._readers is not None
+    where: list[str] = []
+    store._writer._conn.set_trace_callback(
+        lambda sql: where.append("writer") if sql.startswith("SELECT") else None
+    )
+    store._readers._inline().set_trace_callback(
+        lambda sql: where.append("reader") if sql.startswith("SELECT") else None
+    )
+    body = b"Subject: big\r\n\r\n" + b"x" * (HEAVY_BODY + 1024)
+    try:
+        assert store.resolve_now("bob@example.test") == (True, "bob@example.test")
+        assert where == ["writer"]
+        heavy = asyncio.ensure_future(
+            store.deliver(letter(body, targets=[Target("bob@example.test")]))
+        )
+        for _ in range(100):
+            if store._writer._away:
+                break
+            await asyncio.sleep(0)
+        assert store._writer._away  # the batch is on the job thread
+        assert store.resolve_now("bob@example.test") == (True, "bob@example.test")
+        assert where == ["writer", "reader"]
+        await heavy
+        with contextlib.closing(sqlite3.connect(db)) as other:  # `pochta user remove` elsewhere
+            other.execute("PRAGMA foreign_keys = ON")
+            other.execute("DELETE FROM users WHERE address = 'bob@example.test'")
+            other.commit()
+        assert store.resolve_now("bob@example.test") == (True, None)
+        assert where[-1] == "writer"
+    finally:
+        await store.close()
+
+
 async def test_the_wal_is_checkpointed_by_size_too(tmp_path: Path) -> None:
     """The writer checkpoints the WAL itself (between batches, off the loop): after
     CHECKPOINT_EVERY commits or CHECKPOINT_BYTES of letters, whichever comes first, so the WAL

@@ -62,14 +62,18 @@ def make_queue_id() -> str:
     Milliseconds, the process id and a per-process counter (random start): unique across the
     processes of a node and across restarts, without a random-number syscall per letter.
     """
-    return f"{int(time.time() * 1000):X}{_PID[0]:04X}{next(_QUEUE_SEQ) & 0xFFFFF:05X}"
+    return f"{int(time.time() * 1000):X}{_PID[0]}{next(_QUEUE_SEQ) & 0xFFFFF:05X}"
 
 
-_PID = [os.getpid() & 0xFFFF]  # getpid() is a system call; worker processes fork after import
+def _pid() -> str:
+    return f"{os.getpid() & 0xFFFF:04X}"
+
+
+_PID = [_pid()]  # getpid() is a system call; worker processes fork after import
 
 
 def _forked() -> None:
-    _PID[0] = os.getpid() & 0xFFFF
+    _PID[0] = _pid()
 
 
 os.register_at_fork(after_in_child=_forked)

@@ -56,6 +56,8 @@ def sanitize(text: str | None, *, limit: int = _MAX_TOKEN) -> str:
     """Peer-supplied text made safe for a header comment or clause (may return "")."""
     if not text:
         return ""
+    if _UNSAFE.search(text) is None:  # the usual case: nothing to replace
+        return text[:limit]
     return _UNSAFE.sub("?", text)[:limit]
 
 
@@ -91,15 +93,11 @@ def received_header(
     disclosing Bcc recipients); `tls` adds a "(using ...)" comment; `protocol` is an RFC 3848 WITH
     keyword (ESMTPS, ESMTPSA, UTF8SMTPS, ...).
     """
-    tokens = ["Received: from " + _from_domain(from_helo, peer_ip), *_helo_comment(from_helo)]
-    tokens.append(_tcp_info(peer_ip, peer_host))
-    if tls:
-        words = (sanitize(word, limit=80) for word in tls.split())
-        tokens.append("(using " + " ".join(words)[:160] + ")")
-    tokens += [_by_clause(by_host), "(pochta)"]
+    done, current, width = _head(from_helo, peer_ip, peer_host, by_host, tls)
     proto = protocol.upper() if protocol.upper() in PROTOCOLS else "ESMTP"
-    tokens.append(f"with {proto}")
-    clean_id = _NON_ATEXT.sub("?", queue_id)[:64]
+    tokens = [f"with {proto}"]
+    plain = queue_id.isascii() and queue_id.isalnum()  # ours always are
+    clean_id = (queue_id if plain else _NON_ATEXT.sub("?", queue_id))[:64]
     if clean_id:
         tokens.append(f"id {clean_id}")  # RFC 5321 §4.4: ID = "ID" FWS ( Atom / msg-id )
     clean_rcpt = sanitize(recipient).strip("<>").replace(";", "?")
@@ -107,7 +105,22 @@ def received_header(
         tokens.append(f"for <{clean_rcpt}>")
     tokens[-1] += ";"  # RFC 5321 §4.4: Stamp = ... [CFWS] ";" FWS date-time
     tokens.append(format_date(when))
-    return _fold(tokens).encode("ascii") + b"\r\n"
+    done, current, _ = _fold_on(done, current, width, tokens)
+    return (done + current).encode("ascii") + b"\r\n"
+
+
+@lru_cache(maxsize=1024)  # one client's letters (and a relay's) share all of it
+def _head(
+    from_helo: str, peer_ip: str, peer_host: str | None, by_host: str, tls: str | None
+) -> tuple[str, str, int]:
+    """The folded clauses that depend on the connection alone, up to "(pochta)"."""
+    tokens = [*_helo_comment(from_helo), _tcp_info(peer_ip, peer_host)]
+    if tls:
+        words = (sanitize(word, limit=80) for word in tls.split())
+        tokens.append("(using " + " ".join(words)[:160] + ")")
+    tokens += [_by_clause(by_host), "(pochta)"]
+    first = "Received: from " + _from_domain(from_helo, peer_ip)
+    return _fold_on("", first, _width(first), tokens)
 
 
 @lru_cache(maxsize=256)  # our own hostname: the same every letter
@@ -154,21 +167,18 @@ def _width(text: str) -> int:
     return len(text.expandtabs(_TAB_WIDTH))
 
 
-def _fold(tokens: list[str]) -> str:
-    """Join tokens with spaces, starting a new tab-indented line before one that would pass the
-    column limit (RFC 5322 §2.2.3 folding). Tokens themselves are never split."""
-    lines: list[str] = []
-    current = tokens[0]
-    width = _width(current)
-    for token in tokens[1:]:
+def _fold_on(done: str, current: str, width: int, tokens: list[str]) -> tuple[str, str, int]:
+    """Go on joining tokens to the line `current` (`width` columns; `done` holds the lines
+    before it, each with its CRLF) with spaces, starting a new tab-indented line before one
+    that would pass the column limit (RFC 5322 §2.2.3 folding). Tokens are never split."""
+    for token in tokens:
         # Sanitised tokens hold no tab, so a token's width is its length (else measure it).
         extra = 1 + (len(token) if "\t" not in token else _width(f"{current} {token}") - width - 1)
         if width + extra > _MAX_COLUMNS and current.strip():
-            lines.append(current)
+            done += current + "\r\n"
             current = "\t" + token
             width = _width(current)
         else:
             current = f"{current} {token}"
             width += extra
-    lines.append(current)
-    return "\r\n".join(lines)
+    return done, current, width

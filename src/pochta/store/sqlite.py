@@ -101,7 +101,7 @@ class _Readers:
 
     def now(self, fn: Callable[[Conn], T]) -> tuple[bool, T | None]:
         """Run a small indexed lookup on the calling (event loop) thread: (True, result), or
-        (False, None) when the database is busy (then `run_here` asks the pool).
+        (False, None) when the database is busy (then the store asks the pool).
 
         A hop to the pool costs more than such a query (WAL readers do not wait for the
         writer). The loop's connection gives up after INLINE_BUSY_MS if the database is busy
@@ -114,11 +114,6 @@ class _Readers:
             return False, None
         except Exception as exc:
             raise translate(exc) from exc
-
-    async def run_here(self, fn: Callable[[Conn], T]) -> T:
-        """`now`, or on the pool when the database is busy."""
-        done, value = self.now(fn)
-        return cast(T, value) if done else await self.run(fn)
 
     def _inline(self) -> Conn:
         """This thread's (the event loop's) own read connection."""
@@ -352,19 +347,24 @@ def _insert_body(c: Conn, parts: tuple[bytes, ...]) -> int:
 
 def _insert_copy(c: Conn, body_id: int, target: Target, letter: Letter, now: datetime) -> int:
     # RFC 3501 §2.3.1.1: the next UID is uidnext, never reused; RFC 7162 §3.1: new modseq.
-    # One statement finds the mailbox and takes its next UID (fewer round trips per letter).
+    # Read, then bumped by its rowid, in the writer's transaction (UPDATE ... RETURNING in one
+    # statement costs more: SQLite collects RETURNING rows in a temporary table).
     address = normalize_address(target.address)
     row = _one(
         c,
-        "UPDATE mailboxes SET uidnext = uidnext + 1, highestmodseq = highestmodseq + 1"
-        " WHERE id = (SELECT b.id FROM mailboxes b JOIN users u ON u.id = b.user_id"
-        " WHERE u.address = ? AND b.name = ?) RETURNING id, uidnext - 1, highestmodseq",
+        "SELECT b.id, b.uidnext, b.highestmodseq + 1 FROM mailboxes b"
+        " JOIN users u ON u.id = b.user_id WHERE u.address = ? AND b.name = ?",
         (address, cm.folder_name(target.folder)),
     )
     if row is None:
         _user_id(c, address)
         raise NotFound(f"no mailbox {target.folder!r} for {address}")
     box, uid, modseq = row[0], row[1], row[2]
+    c.execute(
+        "UPDATE mailboxes SET uidnext = uidnext + 1, highestmodseq = highestmodseq + 1"
+        " WHERE id = ?",
+        (box,),
+    )
     s = letter.summary
     rp = None if target.return_path is None else normalize_address(target.return_path)
     cur = c.execute(
@@ -644,12 +644,19 @@ class SqliteStore:
             raise StoreUnavailable("the store is not open")
         return await self._readers.run(fn)
 
-    async def _lookup(self, fn: Callable[[Conn], T]) -> T:
-        """A point lookup on one indexed row by ONE statement (the per-RCPT checks): no thread
-        hop and no BEGIN/ROLLBACK around it."""
-        if self._readers is None:
+    def _now(self, fn: Callable[[Conn], T]) -> tuple[bool, T | None]:
+        """A point lookup on one indexed row by ONE statement (the per-RCPT checks), on the loop:
+        no thread hop and no BEGIN/ROLLBACK around it. The writer's connection when it is free
+        (its cache is warm), else the loop's read connection; (False, None) when both are busy."""
+        if self._writer is None or self._readers is None:
             raise StoreUnavailable("the store is not open")
-        return await self._readers.run_here(fn)
+        done, value = self._writer.read_now(fn)
+        return (done, value) if done else self._readers.now(fn)
+
+    async def _lookup(self, fn: Callable[[Conn], T]) -> T:
+        """`_now`, or on the read pool when the database is busy."""
+        done, value = self._now(fn)
+        return cast(T, value) if done else await self._read(fn)
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -763,7 +770,7 @@ class SqliteStore:
         if self._readers is None:
             return False, None
         address = normalize_address(address)
-        return self._readers.now(lambda c: _resolve(c, address))
+        return self._now(lambda c: _resolve(c, address))
 
     # -- mail -----------------------------------------------------------------------------------
 
