@@ -10,6 +10,7 @@ import time
 from datetime import UTC, datetime, timedelta, timezone
 from email.utils import format_datetime
 from functools import lru_cache
+from typing import Any
 
 # RFC 5322 §3.6.4: id-right = dot-atom-text / no-fold-literal; we only emit dot-atom-text.
 _DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
@@ -62,7 +63,14 @@ def make_queue_id() -> str:
     Milliseconds, the process id and a per-process counter (random start): unique across the
     processes of a node and across restarts, without a random-number syscall per letter.
     """
-    return f"{int(time.time() * 1000):X}{_PID[0]}{next(_QUEUE_SEQ) & 0xFFFFF:05X}"
+    ms = int(time.time() * 1000)
+    last = _LAST_MS
+    if last[0] != ms:  # the time and pid part, formatted once per millisecond
+        last[0], last[1] = ms, f"{ms:X}{_PID[0]}"
+    return f"{last[1]}{next(_QUEUE_SEQ) & 0xFFFFF:05X}"
+
+
+_LAST_MS: list[Any] = [-1, ""]
 
 
 def _pid() -> str:
@@ -74,6 +82,7 @@ _PID = [_pid()]  # getpid() is a system call; worker processes fork after import
 
 def _forked() -> None:
     _PID[0] = _pid()
+    _LAST_MS[0] = -1
 
 
 os.register_at_fork(after_in_child=_forked)
