@@ -298,7 +298,9 @@ class Postfix:
             if master
             else []
         )
-        return sorted({*map(int, out), *map(int, children)})
+        # The master itself too: the CPU of the children it reaps moves to its cutime/cstime
+        # (without it, a busy smtpd that exits during a cell took its CPU along: negative CPU).
+        return sorted({*map(int, out), *map(int, children), *([master] if master else [])})
 
 
 def run_smtp_source(
