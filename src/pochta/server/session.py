@@ -234,7 +234,7 @@ class Session:
         if kind is smtp.Ehlo or kind is smtp.Helo:
             return self._ehlo(cast(smtp.Ehlo | smtp.Helo, event).domain, esmtp=kind is smtp.Ehlo)
         if kind is smtp.Quit:
-            return Reply(221, "2.0.0", f"{self.ctx.hostname} closing connection")
+            return _kept(f"{self.ctx.hostname} closing connection", 221, "2.0.0")
         match event:
             case smtp.Bdat(size, last) if not last:
                 return Reply(250, "2.0.0", f"{size} octets received")
@@ -548,17 +548,18 @@ class Session:
         return R.NOT_IMPLEMENTED
 
 
-_KEPT: dict[tuple[int, str], Reply] = {}
+_KEPT: dict[tuple[int, str, str], Reply] = {}
 
 
-def _kept(text: str, code: int = 250) -> Reply:
-    """The greeting and the EHLO reply, made once per text (their wire form with them): every
-    connection gets them, and clients of a node greet with the same few names."""
-    reply = _KEPT.get((code, text))
+def _kept(text: str, code: int = 250, enhanced: str = "") -> Reply:
+    """The greeting, the EHLO reply and the 221, made once per text (their wire form with
+    them): every connection gets them, and clients of a node greet with the same few names."""
+    key = (code, enhanced, text)
+    reply = _KEPT.get(key)
     if reply is None:
-        reply = Reply(code, "", text)
+        reply = Reply(code, enhanced, text)
         if len(_KEPT) < 1024:
-            _KEPT[(code, text)] = reply
+            _KEPT[key] = reply
     return reply
 
 
