@@ -79,3 +79,49 @@ def test_the_direct_mail_log_line_is_the_one_logging_writes(tmp_path: Path) -> N
         'event=accepted conn=a.1 sender="two words"',
         "event=rejected ip=192.0.2.1",
     ]
+
+
+def test_mail_event_lines_of_a_loop_turn_are_written_at_its_end(tmp_path: Path) -> None:
+    """Under `pochta serve` (log.batch_lines armed on the loop) the lines logged in one turn of
+    the event loop reach the log when the turn ends, in order; a line logged on another thread
+    is written at once, and disarming writes whatever waits."""
+    mail_log = tmp_path / "mail.log"
+    script = tmp_path / "turns.py"
+    script.write_text(
+        "import asyncio, threading\n"
+        "from pochta import log\n"
+        f"PATH = {str(mail_log)!r}\n"
+        "log.setup('info', mail_log=PATH)\n"
+        "def lines():\n"
+        "    return open(PATH).read().count('event=')\n"
+        "async def main():\n"
+        "    loop = asyncio.get_running_loop()\n"
+        "    log.batch_lines(loop.call_soon)\n"
+        "    seen = []\n"
+        "    def turn():\n"
+        "        log.event('accepted', n=1)\n"
+        "        log.event('accepted', n=2)\n"
+        "        seen.append(lines())\n"
+        "    loop.call_soon(turn)\n"
+        "    for _ in range(3):\n"
+        "        await asyncio.sleep(0)\n"
+        "    seen.append(lines())\n"
+        "    t = threading.Thread(target=lambda: log.event('other', n=3))\n"
+        "    t.start(); t.join()\n"
+        "    seen.append(lines())\n"
+        "    log.event('accepted', n=4)\n"
+        "    seen.append(lines())\n"
+        "    log.batch_lines(None)\n"
+        "    seen.append(lines())\n"
+        "    print(seen)\n"
+        "asyncio.run(main())\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[0, 2, 3, 3, 4]"
+    events = [line.split(" ", 2)[2] for line in mail_log.read_text().splitlines()]
+    assert events == [
+        "event=accepted n=1",
+        "event=accepted n=2",
+        "event=other n=3",
+        "event=accepted n=4",
+    ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -112,6 +113,7 @@ class _Direct:
         self._stamp = ""
         self._defer: Callable[[Callable[[], None]], object] | None = None
         self._pending: list[tuple[str, str]] = []  # (timestamp, line) waiting for the turn's end
+        self._loop_thread = 0  # the thread whose loop `_defer` schedules on
 
     def arm(self, sinks: list[tuple[logging.StreamHandler[Any], str]]) -> None:
         self._sinks = sinks
@@ -138,26 +140,31 @@ class _Direct:
             self._second = second
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
         stamp = self._stamp + _MILLIS[int((now - second) * 1000) % 1000]
+        if self._defer is None or threading.get_ident() != self._loop_thread:
+            self._write([(stamp, line)])  # not batching, or not on the loop's thread
+            return True
         pending = self._pending
         pending.append((stamp, line))
-        if self._defer is None:
-            self.flush()
-        elif len(pending) == 1:
+        if len(pending) == 1:
             self._defer(self.flush)
         return True
 
     def batch(self, call_soon: Callable[[Callable[[], None]], object] | None) -> None:
-        """Write lines at the end of the loop turn they were logged in (`loop.call_soon`), or
-        at once again (None); what is waiting is written first."""
+        """Write lines logged on the calling (event loop) thread at the end of the loop turn
+        they were logged in (`loop.call_soon`), or at once again (None); what is waiting is
+        written first."""
         self.flush()
         self._defer = call_soon
+        self._loop_thread = threading.get_ident()
 
     def flush(self) -> None:
         """Write the waiting lines, one write per stream."""
         pending = self._pending
-        if not pending:
-            return
-        self._pending = []
+        if pending:
+            self._pending = []
+            self._write(pending)
+
+    def _write(self, pending: list[tuple[str, str]]) -> None:
         for handler, middle in self._sinks:
             if handler.level > logging.INFO:
                 continue
