@@ -52,6 +52,7 @@ MODULES = [
     "pochta/server/session.py",
     "pochta/server/listener.py",
     "pochta/store/_common.py",
+    "pochta/store/_sqlite_ops.py",
     "pochta/store/_sqlite_writer.py",
     "pochta/store/api.py",
     "pochta/store/sqlite.py",
