@@ -104,6 +104,7 @@ async def _client(server: SmtpServer, letters: int, size: int) -> None:
 
 async def run(letters: int, sessions: int, size: int, profile: str | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
+        maillog.batch_lines(asyncio.get_running_loop().call_soon)  # as `pochta serve` does
         store = open_store(f"sqlite:///{tmp}/pochta.db")
         await store.open()
         await store.add_domain("bench.test")
