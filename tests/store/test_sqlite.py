@@ -243,11 +243,12 @@ async def test_a_recipient_is_looked_up_on_the_writers_connection_between_batche
     store = await _opened(db)
     assert store._writer is not None and store._readers is not None
     where: list[str] = []
+    lookup = "SELECT address FROM users"  # the recipient lookup (not the letter's own reads)
     store._writer._conn.set_trace_callback(
-        lambda sql: where.append("writer") if sql.startswith("SELECT") else None
+        lambda sql: where.append("writer") if sql.startswith(lookup) else None
     )
     store._readers._inline().set_trace_callback(
-        lambda sql: where.append("reader") if sql.startswith("SELECT") else None
+        lambda sql: where.append("reader") if sql.startswith(lookup) else None
     )
     body = b"Subject: big\r\n\r\n" + b"x" * (HEAVY_BODY + 1024)
     try:
