@@ -22,6 +22,8 @@ from pochta.store.api import Summary
 # accepted. Matched field after field from the start, it stops where the header block does: at
 # the empty line, or at a line that is neither a field nor a continuation.
 _FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*)\n?")
+# Summary fields (RFC 5322 §3.6) by lowercased name: their place in Summary's arguments.
+_SUMMARY_SLOTS = {b"from": 0, b"to": 1, b"subject": 2, b"date": 3, b"message-id": 4}
 # RFC 2047 §2: encoded-word = "=?" charset "?" encoding "?" encoded-text "?="
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([bBqQ])\?([^?\s]*)\?=")
 _BETWEEN_WORDS = re.compile(r"(\?=)[ \t\r\n]+(=\?)")
@@ -85,27 +87,17 @@ def get_header(raw: bytes, name: str) -> str | None:
 
 def parse_summary(raw: bytes) -> Summary:
     """From, To, Subject, Date and Message-ID as decoded text ("" when absent). Never raises."""
-    from_ = to = subject = date = message_id = None
-    left = 5
+    found: list[str | None] = [None] * len(_SUMMARY_SLOTS)
+    left = len(found)
     pos, match = 0, _FIELD.match  # iter_fields, without a generator: it runs on every letter
     while left and (field := match(raw, pos)) is not None:
         pos = field.end()
-        name = field[1].lower()
-        if name == b"from":
-            if from_ is None:
-                from_, left = decode_header_value(_unfold(field[2])), left - 1
-        elif name == b"to":
-            if to is None:
-                to, left = decode_header_value(_unfold(field[2])), left - 1
-        elif name == b"subject":
-            if subject is None:
-                subject, left = decode_header_value(_unfold(field[2])), left - 1
-        elif name == b"date":
-            if date is None:
-                date, left = decode_header_value(_unfold(field[2])), left - 1
-        elif name == b"message-id" and message_id is None:
-            message_id, left = decode_header_value(_unfold(field[2])), left - 1
-    return Summary(from_ or "", to or "", subject or "", date or "", message_id or "")
+        slot = _SUMMARY_SLOTS.get(field[1].lower())
+        if slot is not None and found[slot] is None:  # the first occurrence wins
+            found[slot] = decode_header_value(_unfold(field[2]))
+            left -= 1
+    from_, to, subject, date, message_id = [value or "" for value in found]
+    return Summary(from_, to, subject, date, message_id)
 
 
 def decode_header_value(value: bytes) -> str:

@@ -57,6 +57,17 @@ def translate(exc: BaseException) -> BaseException:
     return exc
 
 
+def read_now(conn: Conn, fn: Callable[[Conn], T]) -> tuple[bool, T | None]:
+    """`fn` (ONE statement: its own implicit read transaction) on `conn` at once: (True,
+    result), or (False, None) when the database is busy (the caller asks elsewhere)."""
+    try:
+        return True, fn(conn)
+    except sqlite3.OperationalError:
+        return False, None
+    except Exception as exc:
+        raise translate(exc) from exc
+
+
 def _settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
     if fut.cancelled():
         return
@@ -210,12 +221,7 @@ class Writer:
         connection's is emptied by every commit (a RCPT lookup took twice as long there)."""
         if self._away or self._conn.in_transaction:
             return False, None
-        try:
-            return True, fn(self._conn)
-        except sqlite3.OperationalError:
-            return False, None
-        except Exception as exc:
-            raise translate(exc) from exc
+        return read_now(self._conn, fn)
 
     def _ran(self, batch: list[Request]) -> None:
         """The batch runs (or fails) now: fewer requests are left to run alone."""

@@ -37,7 +37,7 @@ from typing import Any, TypeVar, cast
 from pochta.errors import NotFound, StoreUnavailable
 from pochta.store import _common as cm
 from pochta.store import _sqlite_ops as ops
-from pochta.store._sqlite_writer import Conn, Request, Writer, connect, translate
+from pochta.store._sqlite_writer import Conn, Request, Writer, connect, read_now, translate
 from pochta.store.api import (
     Accepted,
     Alias,
@@ -106,13 +106,7 @@ class _Readers:
         writer). The loop's connection gives up after INLINE_BUSY_MS if the database is busy
         (e.g. WAL recovery), so the loop is never stalled.
         """
-        conn = self._inline()
-        try:
-            return True, fn(conn)  # one statement: its own implicit read transaction
-        except sqlite3.OperationalError:
-            return False, None
-        except Exception as exc:
-            raise translate(exc) from exc
+        return read_now(self._inline(), fn)
 
     def _inline(self) -> Conn:
         """This thread's (the event loop's) own read connection."""
