@@ -84,11 +84,12 @@ def test_the_direct_mail_log_line_is_the_one_logging_writes(tmp_path: Path) -> N
 def test_mail_event_lines_of_a_loop_turn_are_written_at_its_end(tmp_path: Path) -> None:
     """Under `pochta serve` (log.batch_lines armed on the loop) the lines logged in one turn of
     the event loop reach the log when the turn ends, in order; a line logged on another thread
-    is written at once, and disarming writes whatever waits."""
+    is written at once, a record logged through `logging` on the loop comes after the lines
+    waiting before it, and disarming writes whatever waits."""
     mail_log = tmp_path / "mail.log"
     script = tmp_path / "turns.py"
     script.write_text(
-        "import asyncio, threading\n"
+        "import asyncio, logging, threading\n"
         "from pochta import log\n"
         f"PATH = {str(mail_log)!r}\n"
         "log.setup('info', mail_log=PATH)\n"
@@ -111,17 +112,25 @@ def test_mail_event_lines_of_a_loop_turn_are_written_at_its_end(tmp_path: Path) 
         "    seen.append(lines())\n"
         "    log.event('accepted', n=4)\n"
         "    seen.append(lines())\n"
+        "    logging.getLogger('pochta.other').warning('in order')\n"
+        "    seen.append(lines())\n"
+        "    log.event('accepted', n=5)\n"
+        "    seen.append(lines())\n"
         "    log.batch_lines(None)\n"
         "    seen.append(lines())\n"
         "    print(seen)\n"
         "asyncio.run(main())\n"
     )
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[0, 2, 3, 3, 4]"
+    assert out.stdout.strip() == "[0, 2, 3, 3, 4, 4, 5]"
     events = [line.split(" ", 2)[2] for line in mail_log.read_text().splitlines()]
     assert events == [
         "event=accepted n=1",
         "event=accepted n=2",
         "event=other n=3",
         "event=accepted n=4",
+        "event=accepted n=5",
     ]
+    # On the main log, a record logged on the loop comes after the lines logged before it.
+    main = [line for line in out.stderr.splitlines() if "n=4" in line or "in order" in line]
+    assert [("in order" in line) for line in main] == [False, True]

@@ -28,7 +28,7 @@ def setup(level: str = "info", mail_log: str = "") -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _InOrder(sys.stderr)
     handler.setFormatter(_Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=numeric, handlers=[handler])
     sinks: list[tuple[logging.StreamHandler[Any], str]] = [(handler, f" INFO {maillog.name}: ")]
@@ -39,6 +39,17 @@ def setup(level: str = "info", mail_log: str = "") -> None:
         sinks.insert(0, (file_handler, " "))
     # basicConfig leaves a root logger that has handlers alone: then so does the direct path
     _direct.arm(sinks if logging.getLogger().handlers == [handler] else [])
+
+
+class _InOrder(logging.StreamHandler[Any]):
+    """The main log's handler: a record logged on the event loop's thread is written after the
+    mail-event lines that wait for the end of the turn (`batch_lines`), so the log keeps the
+    order in which things happened."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if _direct._pending and threading.get_ident() == _direct._loop_thread:
+            _direct.flush()
+        super().emit(record)
 
 
 class _Formatter(logging.Formatter):
