@@ -58,6 +58,11 @@ MODULES = [
     "pochta/store/sqlite.py",
     "pochta/value.py",
 ]
+# C written by hand, where no bytes method does the work at memory speed: relative to src/,
+# with the module each becomes. Each has a Python reference that runs without a build.
+C_MODULES = {
+    "pochta/smtp/_scan.c": "pochta.smtp._scan",
+}
 
 
 def digest(path: Path) -> str:
@@ -74,7 +79,7 @@ def wanted() -> dict[str, object]:
     """The manifest a build of the current sources would write."""
     return {
         "built_with": _tool_version(),
-        "modules": {m: digest(SRC / m) for m in MODULES},
+        "modules": {m: digest(SRC / m) for m in [*MODULES, *C_MODULES]},
     }
 
 
@@ -102,7 +107,7 @@ def up_to_date() -> bool:
 
 def build() -> None:
     from mypyc.build import mypycify
-    from setuptools import setup
+    from setuptools import Extension, setup
 
     clean()
     BUILD.mkdir(parents=True, exist_ok=True)
@@ -111,6 +116,10 @@ def build() -> None:
     os.chdir(SRC)  # extension modules land next to their package's source
     try:
         ext_modules = mypycify(MODULES, opt_level="3", multi_file=True, target_dir=str(BUILD / "c"))
+        ext_modules += [
+            Extension(name, [path], extra_compile_args=["-O3"])  # -O3: the loops vectorised
+            for path, name in C_MODULES.items()
+        ]
         setup(
             name="pochta-native",
             ext_modules=ext_modules,
@@ -138,17 +147,23 @@ def main() -> int:
         print("native: removed; pochta runs from source")
         return 0
     if not args.force and up_to_date():
-        print(f"native: {len(MODULES)} compiled modules up to date")
+        print(f"native: {len(MODULES) + len(C_MODULES)} compiled modules up to date")
         return 0
     t0 = time.monotonic()
-    print(f"native: compiling {len(MODULES)} modules with mypyc (a minute or two)...", flush=True)
+    print(
+        f"native: compiling {len(MODULES)} modules with mypyc and {len(C_MODULES)} of C"
+        " (a minute or two)...",
+        flush=True,
+    )
     try:
         build()
     except (Exception, SystemExit) as exc:  # setuptools reports a compiler error as SystemExit
         clean()
         print(f"native: build failed ({exc}); pochta runs from source", file=sys.stderr)
         return 1
-    print(f"native: {len(MODULES)} modules compiled in {time.monotonic() - t0:.0f} s")
+    print(
+        f"native: {len(MODULES) + len(C_MODULES)} modules compiled in {time.monotonic() - t0:.0f} s"
+    )
     return 0
 
 

@@ -20,7 +20,8 @@ _HERE = Path(__file__).resolve().parent
 
 class _FromSource:
     """A `sys.meta_path` finder: the listed modules from their .py files, ahead of an
-    out-of-date extension. (Not an `importlib.abc.MetaPathFinder`: importing that module costs
+    out-of-date extension; a module written in C is not found at all (`_data.py` then uses
+    its Python reference). (Not an `importlib.abc.MetaPathFinder`: importing that module costs
     every pochta command some 20 ms.)"""
 
     def __init__(self, files: dict[str, Path]) -> None:
@@ -32,6 +33,8 @@ class _FromSource:
         source = self.files.get(fullname)
         if source is None:
             return None
+        if source.suffix == ".c":  # no Python source: its importer falls back to the reference
+            raise ModuleNotFoundError(f"{fullname}: running from source", name=fullname)
         package = [str(source.parent)] if source.name == "__init__.py" else None
         return importlib.util.spec_from_file_location(
             fullname, source, submodule_search_locations=package
@@ -49,10 +52,10 @@ def running_native() -> list[str]:
 
 
 def _check_native() -> None:
-    """`scripts/build_native.py` compiles the hot modules next to their source and records each
-    source file's SHA-256 in `_native.json`. If any source changed since, every compiled module
-    is loaded from source instead (an edit must never be shadowed by an older build); likewise
-    when the environment sets POCHTA_NATIVE=0."""
+    """`scripts/build_native.py` compiles the hot modules (and a C helper) next to their source
+    and records each source file's SHA-256 in `_native.json`. If any source changed since,
+    every compiled module is loaded from source instead (an edit must never be shadowed by an
+    older build); likewise when the environment sets POCHTA_NATIVE=0."""
     try:
         manifest = json.loads((_HERE / "_native.json").read_text())
         compiled: dict[str, str] = manifest["modules"]
@@ -63,7 +66,8 @@ def _check_native() -> None:
     stale = []
     for rel, digest in compiled.items():
         path = root / rel
-        name = rel.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+        name = rel.removesuffix(".py").removesuffix(".c").removesuffix("/__init__")
+        name = name.replace("/", ".")
         files[name] = path
         try:
             if hashlib.sha256(path.read_bytes()).hexdigest() != digest:

@@ -3,13 +3,18 @@ defence (§2.3.8: CR and LF only as CRLF; the only end of data is <CRLF>.<CRLF>)
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import pochta
 from pochta import smtp
+from pochta.smtp import _data
 from pochta.smtp import replies as R
-from pochta.smtp._data import DotDecoder, _find_line_dot, _has_long_line
+from pochta.smtp._data import DotDecoder, _bare_line_end, _find_line_dot, _has_long_line
 from pochta.testing.pair import QUEUED, ConnectionPair, body_of, commands_of, hints
 
 SENDER = smtp.MailFrom(smtp.path_of("a@example.org"))
@@ -390,3 +395,64 @@ def test_the_long_line_check_agrees_with_measuring_every_line(
     """Window by window, as the decoder checks, against every line measured (CRLF included)."""
     chunk = b"".join(b"x" * n + b"\r\n" for n in lengths)
     assert _has_long_line(chunk, max_line) == (max(lengths) + 2 > max_line)
+
+
+def _line_by_line(chunk: bytes) -> bool:
+    """RFC 5321 §2.3.8 read literally: some CR not followed by LF, or LF not preceded by CR."""
+    for i, octet in enumerate(chunk):
+        if octet == 13 and chunk[i + 1 : i + 2] != b"\n":
+            return True
+        if octet == 10 and (i == 0 or chunk[i - 1] != 13):
+            return True
+    return False
+
+
+def _built_scan() -> Callable[[bytes], bool] | None:
+    """The C test when the native build is in use (which must then have built it)."""
+    if "pochta.smtp._data" not in pochta.running_native():
+        return None  # from source: no build, a stale one, or POCHTA_NATIVE=0
+    scan = importlib.import_module("pochta.smtp._scan")
+    assert _data.bare_line_end is scan.bare_line_end  # the decoder really uses it
+    return scan.bare_line_end  # type: ignore[no-any-return]
+
+
+BARE_CASES = [
+    (b"", False),
+    (b"x", False),
+    (b"\r\n", False),
+    (b"ab\r\ncd\r\n", False),
+    (b"\r\n\r\n", False),
+    (b"\n", True),
+    (b"\r", True),
+    (b"ab\ncd\r\n", True),
+    (b"ab\rcd\r\n", True),
+    (b"ab\r\r\n", True),
+    (b"ab\r\n\n", True),
+    (b"ab\n\r", True),
+    (b"x" * 100 + b"\r\n" + b"y" * 100 + b"\n" + b"z" * 100 + b"\r\n", True),
+]
+
+
+@pytest.mark.parametrize(("chunk", "bare"), BARE_CASES)
+def test_bare_line_ends_are_found(chunk: bytes, bare: bool) -> None:
+    assert _line_by_line(chunk) is bare
+    assert _bare_line_end(chunk) is bare
+    scan = _built_scan()
+    if scan is not None:
+        assert scan(chunk) is bare
+
+
+# Long runs as well as short ones: the C loop is vectorised, with a tail after the last vector.
+_OCTETS = st.sampled_from([b"\r", b"\n", b"\r\n", b"x", b".", b"\x00", b"\r\n" * 20, b"x" * 37])
+
+
+@given(st.lists(_OCTETS, max_size=80))
+def test_the_bare_line_end_tests_agree_with_a_literal_reading(pieces: list[bytes]) -> None:
+    """The Python reference (splitlines) and the C version (one vectorised pass) against a
+    byte-by-byte reading of the rule."""
+    chunk = b"".join(pieces)
+    expected = _line_by_line(chunk)
+    assert _bare_line_end(chunk) is expected
+    scan = _built_scan()
+    if scan is not None:
+        assert scan(chunk) is expected
