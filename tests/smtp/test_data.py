@@ -4,7 +4,7 @@ defence (§2.3.8: CR and LF only as CRLF; the only end of data is <CRLF>.<CRLF>)
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from types import ModuleType
 
 import pytest
 from hypothesis import given
@@ -392,9 +392,14 @@ def test_the_line_dot_search_finds_what_a_plain_search_finds(pieces: list[bytes]
 def test_the_long_line_check_agrees_with_measuring_every_line(
     lengths: list[int], max_line: int
 ) -> None:
-    """Window by window, as the decoder checks, against every line measured (CRLF included)."""
+    """Window by window, as the decoder checks (in Python and in C), against every line
+    measured (CRLF included)."""
     chunk = b"".join(b"x" * n + b"\r\n" for n in lengths)
-    assert _has_long_line(chunk, max_line) == (max(lengths) + 2 > max_line)
+    expected = max(lengths) + 2 > max_line
+    assert _has_long_line(chunk, max_line) is expected
+    scan = _built_scan()
+    if scan is not None:
+        assert scan.long_line(chunk, max_line) is expected
 
 
 def _line_by_line(chunk: bytes) -> bool:
@@ -407,13 +412,15 @@ def _line_by_line(chunk: bytes) -> bool:
     return False
 
 
-def _built_scan() -> Callable[[bytes], bool] | None:
-    """The C test when the native build is in use (which must then have built it)."""
+def _built_scan() -> ModuleType | None:
+    """The C tests (`_scan.c`) when the native build is in use (which must then have built
+    them); None when pochta runs from source (no build, a stale one, POCHTA_NATIVE=0)."""
     if "pochta.smtp._data" not in pochta.running_native():
-        return None  # from source: no build, a stale one, or POCHTA_NATIVE=0
+        return None
     scan = importlib.import_module("pochta.smtp._scan")
-    assert _data.bare_line_end is scan.bare_line_end  # the decoder really uses it
-    return scan.bare_line_end  # type: ignore[no-any-return]
+    # the decoder really uses them
+    assert _data.bare_line_end is scan.bare_line_end and _data.long_line is scan.long_line
+    return scan
 
 
 BARE_CASES = [
@@ -439,7 +446,7 @@ def test_bare_line_ends_are_found(chunk: bytes, bare: bool) -> None:
     assert _bare_line_end(chunk) is bare
     scan = _built_scan()
     if scan is not None:
-        assert scan(chunk) is bare
+        assert scan.bare_line_end(chunk) is bare
 
 
 # Long runs as well as short ones: the C loop is vectorised, with a tail after the last vector.
@@ -455,4 +462,4 @@ def test_the_bare_line_end_tests_agree_with_a_literal_reading(pieces: list[bytes
     assert _bare_line_end(chunk) is expected
     scan = _built_scan()
     if scan is not None:
-        assert scan(chunk) is expected
+        assert scan.bare_line_end(chunk) is expected
