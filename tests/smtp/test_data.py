@@ -447,6 +447,8 @@ def test_bare_line_ends_are_found(chunk: bytes, bare: bool) -> None:
     scan = _built_scan()
     if scan is not None:
         assert scan.bare_line_end(chunk) is bare
+        # any buffer (the core passes bytes: compiled, it refuses anything else)
+        assert scan.bare_line_end(bytearray(chunk)) is scan.bare_line_end(memoryview(chunk)) is bare
 
 
 # Long runs as well as short ones: the C loop is vectorised, with a tail after the last vector.

@@ -1,4 +1,4 @@
-/* pochta.smtp._scan: the DATA check that bytes methods cannot do at memory speed.
+/* pochta.smtp._scan: the DATA checks that bytes methods cannot do at memory speed.
  *
  * bare_line_end(data) -> bool: whether `data` holds a CR or an LF that is not part of a CRLF
  * pair (RFC 5321 §2.3.8; the SMTP-smuggling defence in _data.py). In Python the fastest test
@@ -31,13 +31,12 @@ static PyObject *
 bare_line_end(PyObject *module, PyObject *data)
 {
     (void)module;
-    if (!PyBytes_Check(data)) {
-        PyErr_Format(PyExc_TypeError, "bare_line_end() takes bytes, not %.100s",
-                     Py_TYPE(data)->tp_name);
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    }
-    return PyBool_FromLong(has_bare_line_end(
-        (const unsigned char *)PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data)));
+    int bad = has_bare_line_end((const unsigned char *)view.buf, view.len);
+    PyBuffer_Release(&view);
+    return PyBool_FromLong(bad);
 }
 
 /* long_line(data, max_line) -> bool: whether a line of `data` (complete lines) is longer than
@@ -48,8 +47,8 @@ static PyObject *
 long_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 2 || !PyBytes_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "long_line() takes bytes and an int");
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "long_line() takes 2 arguments (data, max_line)");
         return NULL;
     }
     Py_ssize_t max_line = PyLong_AsSsize_t(args[1]);
@@ -59,15 +58,22 @@ long_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "long_line(): max_line must be positive");
         return NULL;
     }
-    const char *s = PyBytes_AS_STRING(args[0]);
-    Py_ssize_t size = PyBytes_GET_SIZE(args[0]), pos = 0;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const char *s = view.buf;
+    Py_ssize_t size = view.len, pos = 0;
+    int found = 0;
     while (pos < size - max_line) {
         const char *lf = memrchr(s + pos, '\n', (size_t)max_line);
-        if (lf == NULL)
-            Py_RETURN_TRUE;
+        if (lf == NULL) {
+            found = 1;
+            break;
+        }
         pos = lf - s + 1;
     }
-    Py_RETURN_FALSE;
+    PyBuffer_Release(&view);
+    return PyBool_FromLong(found);
 }
 
 static PyMethodDef scan_methods[] = {
