@@ -13,7 +13,7 @@ import pytest
 
 from pochta.errors import NotFound, StoreUnavailable
 from pochta.store._common import load_migrations
-from pochta.store._sqlite_writer import CHECKPOINT_BYTES, HEAVY_BODY, LOOP_COMMIT
+from pochta.store._sqlite_writer import CHECKPOINT_BYTES, HEAVY_BODY, LOOP_COMMIT, WAL_LIMIT
 from pochta.store._walsync import WalSync
 from pochta.store.api import Target
 from pochta.store.sqlite import SqliteStore
@@ -276,18 +276,23 @@ async def test_a_recipient_is_looked_up_on_the_writers_connection_between_batche
 
 
 async def test_the_wal_is_checkpointed_by_size_too(tmp_path: Path) -> None:
-    """The writer checkpoints the WAL itself (between batches, off the loop): after
-    CHECKPOINT_EVERY commits or CHECKPOINT_BYTES of letters, whichever comes first, so the WAL
-    file (reused from its start after a checkpoint) stays bounded when letters are large."""
+    """The writer has the WAL checkpointed itself, after CHECKPOINT_EVERY commits or
+    CHECKPOINT_BYTES of letters, aside (on a connection of its own while batches commit). Under
+    steady writes those never leave the WAL wholly copied, so it never starts over by itself:
+    at WAL_LIMIT a checkpoint runs between batches, and the WAL file (reused from its start)
+    stays bounded when letters are large and keep coming."""
     db = tmp_path / "mail.db"
     store = await _opened(db)
     body = b"Subject: big\r\n\r\n" + b"x" * (100 * 1024)
+    rounds = 3 * WAL_LIMIT // (4 * len(body))  # three times WAL_LIMIT of letters, 4 at a time
     try:
-        for _ in range(30):  # 120 letters of 100 KiB: 12 MB, three times CHECKPOINT_BYTES
+        for _ in range(rounds):
             group = [letter(body, targets=[Target("bob@example.test")]) for _ in range(4)]
             await asyncio.gather(*(store.deliver(m) for m in group))
-        assert len(await store.list_messages("bob@example.test")) == 120
+        assert len(await store.list_messages("bob@example.test")) == 4 * rounds
         wal = Path(f"{db}-wal").stat().st_size  # (the last connection's close removes it)
+        copied = db.stat().st_size  # the database file itself: what checkpoints copied
     finally:
         await store.close()
-    assert wal < CHECKPOINT_BYTES + 2 * 1024 * 1024
+    assert wal < WAL_LIMIT + CHECKPOINT_BYTES + 2 * 1024 * 1024
+    assert copied > 2 * WAL_LIMIT

@@ -24,6 +24,7 @@ Conn = sqlite3.Connection
 MAX_BATCH = 500  # write requests per group commit
 CHECKPOINT_EVERY = 100  # group commits between two checkpoints of the WAL (about 1000 pages)...
 CHECKPOINT_BYTES = 4 * 1024 * 1024  # ...or fewer, once this much letter went into the WAL
+WAL_LIMIT = 16 * 1024 * 1024  # a WAL this long is checkpointed between batches (then restarts)
 HEAVY_BODY = 256 * 1024  # letters larger than this are written off the event loop
 LOOP_COMMIT = 32 * 1024  # batches with more letter than this COMMIT (write the WAL) off the loop
 
@@ -106,9 +107,13 @@ class Writer:
     `synchronous=FULL` on a commit thread (waking it and taking the GIL back after each fsync
     cost the loop about a tenth of its time). A batch with more than LOOP_COMMIT octets of
     letter COMMITs (writes its WAL frames) on the job thread, one with a letter over HEAVY_BODY
-    runs there whole, and so does the WAL checkpoint every CHECKPOINT_EVERY commits (sooner
-    after CHECKPOINT_BYTES of letters)
-    (between batches: SQLite's automatic one would run inside COMMIT on the loop). Several
+    runs there whole. The WAL is checkpointed every CHECKPOINT_EVERY commits (sooner after
+    CHECKPOINT_BYTES of letters; SQLite's automatic one would run inside COMMIT on the loop) on
+    a connection of its own, on a thread of the loop's executor, while batches go on committing
+    (PASSIVE: it copies the frames committed when it began). Under steady writes the WAL then
+    never finds itself wholly copied when a write begins, which is when SQLite starts it over:
+    once it holds WAL_LIMIT octets of frames, a checkpoint runs between two batches instead
+    (copying only what the last one left, then the WAL restarts). Several
     processes sharing the database (`workers`) take the write lock in turn: BEGIN IMMEDIATE is
     retried every few hundred microseconds, never blocking the loop.
     """
@@ -120,6 +125,8 @@ class Writer:
         self._conn.execute("PRAGMA busy_timeout = 0")
         self.loop = asyncio.get_running_loop()  # made on the loop that uses it (store.open)
         self._sync: WalSync | None = None
+        self._aside_conn: Conn | None = None  # the checkpoints' own connection
+        self._page_size = 4096
         if path != ":memory:":
             # COMMIT writes the WAL, WalSync makes it durable before anyone hears of it; the
             # checkpoints run between batches off the loop (`_checkpoint`), not inside COMMIT.
@@ -127,8 +134,13 @@ class Writer:
             self._conn.execute("PRAGMA wal_autocheckpoint = 0")
             self._conn.execute("PRAGMA schema_version").fetchone()  # opens (makes) the WAL file
             self._sync = WalSync(self.loop, path + "-wal")
+            self._aside_conn = connect(path, 0)
+            self._aside_conn.execute("PRAGMA synchronous = NORMAL")
+            self._page_size = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
         self._since_checkpoint = 0  # commits since the last checkpoint
         self._wal_letters = 0  # octets of letter committed since the last checkpoint
+        self._wal_frames = 0  # the WAL's length in frames when the last checkpoint aside began
+        self._aside: asyncio.Future[int] | None = None  # a checkpoint aside running
         self._broken: StoreUnavailable | None = None  # set for good when a WAL sync failed
         self._busy_ms = busy_ms
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
@@ -314,8 +326,12 @@ class Writer:
         # its sync overlaps with writing their replies.
         self._since_checkpoint += 1
         self._wal_letters += sum(request.size for request, _, _ in results)
-        if self._since_checkpoint >= CHECKPOINT_EVERY or self._wal_letters >= CHECKPOINT_BYTES:
-            self._since_checkpoint = self._wal_letters = 0
+        due = (
+            self._since_checkpoint >= CHECKPOINT_EVERY
+            or self._wal_letters >= CHECKPOINT_BYTES
+            or self._wal_frames * self._page_size >= WAL_LIMIT
+        )
+        if due and self._start_checkpoint():  # it must run between batches
             self._off_loop(self._checkpoint, lambda _v, _e: self._next())
         elif self._pending:
             self._start()
@@ -323,6 +339,19 @@ class Writer:
             self._finish()
         self.commits += 1
         self._resolve(results)
+
+    def _start_checkpoint(self) -> bool:
+        """A checkpoint is due: start one aside (True: it must run between batches instead,
+        the WAL having grown to WAL_LIMIT without starting over). Not while one runs aside."""
+        if self._aside is not None or self._aside_conn is None:
+            return False
+        self._since_checkpoint = self._wal_letters = 0
+        if self._wal_frames * self._page_size >= WAL_LIMIT:
+            self._wal_frames = 0
+            return True
+        self._aside = self.loop.run_in_executor(None, _checkpoint_aside, self._aside_conn)
+        self._aside.add_done_callback(self._aside_done)
+        return False
 
     def _break(self, exc: BaseException) -> None:
         """A sync of the WAL failed: what it covered may be lost from the disk, and SQLite's
@@ -342,6 +371,14 @@ class Writer:
         never waits for readers). It syncs the WAL before and the database after copying."""
         with contextlib.suppress(sqlite3.Error):
             self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    def _aside_done(self, done: asyncio.Future[int]) -> None:
+        """A checkpoint aside ended. The WAL starts over only at a write transaction that
+        began after every frame was copied, which a batch started while the checkpoint ran
+        did not: under steady writes the WAL's length when a checkpoint began only grows, and
+        once it reaches WAL_LIMIT, a checkpoint runs between the next two batches."""
+        self._aside = None
+        self._wal_frames = 0 if done.cancelled() or done.exception() else done.result()
 
     def _isolate(self, batch: list[Request]) -> None:
         """A request of `batch` failed and the batch was rolled back: run its requests again,
@@ -384,8 +421,23 @@ class Writer:
         self._jobs.put(None)
         await closed
         await asyncio.to_thread(self._committer.join)
+        if self._aside is not None:
+            await asyncio.wait([self._aside])
+        if self._aside_conn is not None:
+            self._aside_conn.close()
         if self._sync is not None:
             self._sync.close()
+
+
+def _checkpoint_aside(conn: Conn) -> int:
+    """On an executor thread: PASSIVE checkpoint on its own connection (a writer may commit
+    meanwhile); the WAL's length in frames when it began (0 when another checkpoint ran)."""
+    try:
+        rows = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # no statement left open
+    except sqlite3.Error:
+        return 0
+    busy, frames, _copied = rows[0]
+    return 0 if busy or frames < 0 else int(frames)
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
