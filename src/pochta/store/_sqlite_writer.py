@@ -134,13 +134,14 @@ class Writer:
             self._conn.execute("PRAGMA wal_autocheckpoint = 0")
             self._conn.execute("PRAGMA schema_version").fetchone()  # opens (makes) the WAL file
             self._sync = WalSync(self.loop, path + "-wal")
-            self._aside_conn = connect(path, 0)
+            self._aside_conn = connect(path, busy_ms)  # (set up like the writer's, then...)
+            self._aside_conn.execute("PRAGMA busy_timeout = 0")  # ...busy: skipped, not waited
             self._aside_conn.execute("PRAGMA synchronous = NORMAL")
             self._page_size = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
         self._since_checkpoint = 0  # commits since the last checkpoint
         self._wal_letters = 0  # octets of letter committed since the last checkpoint
         self._wal_frames = 0  # the WAL's length in frames when the last checkpoint aside began
-        self._aside: asyncio.Future[int] | None = None  # a checkpoint aside running
+        self._aside: asyncio.Future[int | None] | None = None  # a checkpoint aside running
         self._broken: StoreUnavailable | None = None  # set for good when a WAL sync failed
         self._busy_ms = busy_ms
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
@@ -372,13 +373,15 @@ class Writer:
         with contextlib.suppress(sqlite3.Error):
             self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
-    def _aside_done(self, done: asyncio.Future[int]) -> None:
+    def _aside_done(self, done: asyncio.Future[int | None]) -> None:
         """A checkpoint aside ended. The WAL starts over only at a write transaction that
         began after every frame was copied, which a batch started while the checkpoint ran
         did not: under steady writes the WAL's length when a checkpoint began only grows, and
         once it reaches WAL_LIMIT, a checkpoint runs between the next two batches."""
         self._aside = None
-        self._wal_frames = 0 if done.cancelled() or done.exception() else done.result()
+        frames = None if done.cancelled() or done.exception() else done.result()
+        if frames is not None:  # (None: busy, another process's checkpoint ran)
+            self._wal_frames = frames
 
     def _isolate(self, batch: list[Request]) -> None:
         """A request of `batch` failed and the batch was rolled back: run its requests again,
@@ -429,15 +432,15 @@ class Writer:
             self._sync.close()
 
 
-def _checkpoint_aside(conn: Conn) -> int:
+def _checkpoint_aside(conn: Conn) -> int | None:
     """On an executor thread: PASSIVE checkpoint on its own connection (a writer may commit
-    meanwhile); the WAL's length in frames when it began (0 when another checkpoint ran)."""
+    meanwhile); the WAL's length in frames when it began, None when it could not run."""
     try:
         rows = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # no statement left open
     except sqlite3.Error:
-        return 0
+        return None
     busy, frames, _copied = rows[0]
-    return 0 if busy or frames < 0 else int(frames)
+    return None if busy or frames < 0 else int(frames)
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
