@@ -5,7 +5,9 @@ The decoder is the SMTP-smuggling defence: the ONLY end of a DATA body is <CRLF>
 bytes, and their presence marks the letter as bad (rejected when the real terminator arrives), so
 nothing after them can be taken as a new transaction (RFC 5321 §2.3.8: CR and LF only as CRLF).
 
-Work is done on whole buffers with bytes methods (find, count, replace, split), never per byte.
+Work is done on whole buffers with bytes methods (find, count, replace, split), never per byte
+in Python; the two checks that must look at every octet (bare CR/LF, line length) are in C
+(`_scan.c`) when pochta is built, with their Python references below.
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ class Writer:
         self._page_size = 4096
         if path != ":memory:":
             # COMMIT writes the WAL, WalSync makes it durable before anyone hears of it; the
-            # checkpoints run between batches off the loop (`_checkpoint`), not inside COMMIT.
+            # checkpoints run aside or between batches (`_start_checkpoint`), not inside COMMIT.
             self._conn.execute("PRAGMA synchronous = NORMAL")
             self._conn.execute("PRAGMA wal_autocheckpoint = 0")
             self._conn.execute("PRAGMA schema_version").fetchone()  # opens (makes) the WAL file
@@ -419,13 +419,13 @@ class Writer:
         """Let queued requests commit, then close the connection."""
         while self._busy or self._pending:
             await self._idle.wait()
+        if self._aside is not None:  # a checkpoint aside finishes before the connections close
+            await asyncio.wait([self._aside])
         closed: asyncio.Future[None] = self.loop.create_future()
         self._off_loop(self._conn.close, lambda _, exc: _settle(closed, None, exc))
         self._jobs.put(None)
         await closed
         await asyncio.to_thread(self._committer.join)
-        if self._aside is not None:
-            await asyncio.wait([self._aside])
         if self._aside_conn is not None:
             self._aside_conn.close()
         if self._sync is not None:
