@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -25,13 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import Pochta, cpu_seconds
-
-
-def drive(node: Pochta, sessions: int, messages: int, size: int, timeout: float) -> None:
-    cmd = ["smtp-source", "-4", "-s", str(sessions), "-m", str(messages), "-l", str(size)]
-    cmd += ["-f", "a@bench.test", "-t", "u1@bench.test", f"{node.host}:{node.port}"]
-    subprocess.run(cmd, check=True, timeout=timeout, capture_output=True)
+from run import Pochta, cpu_seconds, run_smtp_source
 
 
 def measure(
@@ -40,7 +33,8 @@ def measure(
     """Drive every node at once; (letters/s of all together, CPU ms a letter of each node)."""
     cpu0 = [cpu_seconds(n.pids()) for n in nodes]
     threads = [
-        threading.Thread(target=drive, args=(n, sessions, messages, size, timeout)) for n in nodes
+        threading.Thread(target=run_smtp_source, args=(n, size, sessions, messages, False, timeout))
+        for n in nodes
     ]
     t0 = time.perf_counter()
     for t in threads:

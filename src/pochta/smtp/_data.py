@@ -120,7 +120,7 @@ class DotDecoder:
             if len(chunk) >= self._max_line:
                 flags.long_line = True
             return
-        # Long lines: `_has_long_line`, a step per window of `max_line` octets.
+        # Long lines: `long_line`, a step per window of `max_line` octets (`_has_long_line`).
         if not flags.bare_line_end:
             flags.bare_line_end = bare_line_end(chunk)
         if not flags.long_line and len(chunk) >= self._max_line:

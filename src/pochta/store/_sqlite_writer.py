@@ -333,7 +333,7 @@ class Writer:
             or self._wal_frames * self._page_size >= WAL_LIMIT
         )
         if due and self._start_checkpoint():  # it must run between batches
-            self._off_loop(self._checkpoint, lambda _v, _e: self._next())
+            self._off_loop(lambda: _checkpoint(self._conn), lambda _v, _e: self._next())
         elif self._pending:
             self._start()
         else:
@@ -350,7 +350,7 @@ class Writer:
         if self._wal_frames * self._page_size >= WAL_LIMIT:
             self._wal_frames = 0
             return True
-        self._aside = self.loop.run_in_executor(None, _checkpoint_aside, self._aside_conn)
+        self._aside = self.loop.run_in_executor(None, _checkpoint, self._aside_conn)
         self._aside.add_done_callback(self._aside_done)
         return False
 
@@ -366,12 +366,6 @@ class Writer:
         pending, self._pending = self._pending, []
         for request in pending:
             _settle(request.future, None, self._broken)
-
-    def _checkpoint(self) -> None:
-        """On the job thread, between batches: copy the WAL into the database (PASSIVE: it
-        never waits for readers). It syncs the WAL before and the database after copying."""
-        with contextlib.suppress(sqlite3.Error):
-            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def _aside_done(self, done: asyncio.Future[int | None]) -> None:
         """A checkpoint aside ended. The WAL starts over only at a write transaction that
@@ -432,9 +426,11 @@ class Writer:
             self._sync.close()
 
 
-def _checkpoint_aside(conn: Conn) -> int | None:
-    """On an executor thread: PASSIVE checkpoint on its own connection (a writer may commit
-    meanwhile); the WAL's length in frames when it began, None when it could not run."""
+def _checkpoint(conn: Conn) -> int | None:
+    """Copy the WAL into the database (PASSIVE: it never waits for readers or a writer; it
+    syncs the WAL before and the database after copying), on a thread: aside, on its own
+    connection, or between batches on the writer's. The WAL's length in frames when it
+    began; None when it could not run (another checkpoint was running)."""
     try:
         rows = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # no statement left open
     except sqlite3.Error:
