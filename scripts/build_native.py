@@ -62,6 +62,7 @@ MODULES = [
 # with the module each becomes. Each has a Python reference that runs without a build.
 C_MODULES = {
     "pochta/smtp/_scan.c": "pochta.smtp._scan",
+    "pochta/store/_aio.c": "pochta.store._aio",
 }
 
 

@@ -7,12 +7,19 @@ import asyncio
 import os
 import platform
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from pochta.store._walsync import WalSync
+from pochta.store._walsync import NATIVE, WalSync
 
 LINUX_AIO = platform.system() == "Linux" and platform.machine() in ("x86_64", "aarch64")
+# The AIO calls through the C module when it is built, and through ctypes (running from source)
+PATHS = [
+    pytest.param(True, NATIVE, id="aio-c", marks=pytest.mark.skipif(NATIVE is None, reason="no C")),
+    pytest.param(True, None, id="aio-ctypes"),
+    pytest.param(False, None, id="thread"),
+]
 
 
 async def _sync(sync: WalSync) -> BaseException | None:
@@ -21,11 +28,11 @@ async def _sync(sync: WalSync) -> BaseException | None:
     return await asyncio.wait_for(done, 10)
 
 
-@pytest.mark.parametrize("aio", [True, False])
-async def test_syncs_complete_on_the_loop(tmp_path: Path, aio: bool) -> None:
+@pytest.mark.parametrize(("aio", "native"), PATHS)
+async def test_syncs_complete_on_the_loop(tmp_path: Path, aio: bool, native: Any) -> None:
     wal = tmp_path / "mail.db-wal"
     wal.write_bytes(b"")
-    sync = WalSync(asyncio.get_running_loop(), str(wal), aio=aio)
+    sync = WalSync(asyncio.get_running_loop(), str(wal), aio=aio, native=native)
     try:
         assert sync.asynchronous is (aio and LINUX_AIO)
         with wal.open("ab") as fh:
@@ -37,10 +44,11 @@ async def test_syncs_complete_on_the_loop(tmp_path: Path, aio: bool) -> None:
         sync.close()
 
 
-@pytest.mark.parametrize("aio", [True, False])
-async def test_a_file_that_cannot_be_synced_reports_the_error(aio: bool) -> None:
-    """/dev/null has no fsync (EINVAL): the AIO probe refuses it and the thread reports it."""
-    sync = WalSync(asyncio.get_running_loop(), "/dev/null", aio=aio)
+@pytest.mark.parametrize(("aio", "native"), PATHS)
+async def test_a_file_that_cannot_be_synced_reports_the_error(aio: bool, native: Any) -> None:
+    """/dev/null has no fsync (EINVAL): the AIO probe refuses it (the failed completion raised
+    by either path's reap) and the thread reports it."""
+    sync = WalSync(asyncio.get_running_loop(), "/dev/null", aio=aio, native=native)
     try:
         assert not sync.asynchronous
         exc = await _sync(sync)

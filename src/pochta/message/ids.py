@@ -37,12 +37,21 @@ def format_date(dt: datetime) -> str:
     """RFC 5322 §3.3 date-time, e.g. "Tue, 01 Jul 2025 12:00:00 +0000"; naive means UTC."""
     global _last_utc
     if dt.tzinfo is None or dt.tzinfo is UTC:
-        second = int((dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp())
-        last = _last_utc  # every letter carries a date: format UTC once per second
-        if last[0] != second:
-            last = _last_utc = (second, _format_second(second, timedelta(0)))
-        return last[1]
+        return _utc_second(int((dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()))
     return _format_second(int(dt.timestamp()), dt.utcoffset() or timedelta(0))
+
+
+def format_now() -> str:
+    """`format_date` of the current time in UTC, without making a datetime for it."""
+    return _utc_second(int(time.time()))
+
+
+def _utc_second(second: int) -> str:
+    global _last_utc
+    last = _last_utc  # every letter carries a date: format UTC once per second
+    if last[0] != second:
+        last = _last_utc = (second, _format_second(second, timedelta(0)))
+    return last[1]
 
 
 _last_utc: tuple[int, str] = (-1, "")
@@ -66,8 +75,14 @@ def make_queue_id() -> str:
     ms = int(time.time() * 1000)
     last = _LAST_MS
     if last[0] != ms:  # the time and pid part, formatted once per millisecond
-        last[0], last[1] = ms, f"{ms:X}{_PID[0]}"
-    return f"{last[1]}{next(_QUEUE_SEQ) & 0xFFFFF:05X}"
+        last[0], last[1] = ms, format(ms, "X") + _PID[0]
+    prefix: str = last[1]
+    seq = next(_QUEUE_SEQ) & 0xFFFFF  # five hex digits by table (an f-string spec is parsed)
+    return prefix + _HEX[seq >> 16] + _HEX2[(seq >> 8) & 0xFF] + _HEX2[seq & 0xFF]
+
+
+_HEX = "0123456789ABCDEF"
+_HEX2 = [f"{i:02X}" for i in range(256)]
 
 
 _LAST_MS: list[Any] = [-1, ""]

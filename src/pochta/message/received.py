@@ -18,7 +18,7 @@ import re
 from datetime import datetime
 from functools import lru_cache
 
-from pochta.message.ids import format_date
+from pochta.message.ids import format_date, format_now
 
 _MAX_COLUMNS = 77  # RFC 5322 §2.1.1: lines SHOULD be no more than 78 characters
 _TAB_WIDTH = 8
@@ -85,13 +85,13 @@ def received_header(
     queue_id: str,
     recipient: str | None,
     tls: str | None,
-    when: datetime,
+    when: datetime | None = None,
 ) -> bytes:
     """One folded `Received:` field ending in CRLF (RFC 5321 §4.4 Stamp).
 
     `recipient` adds "for <addr>" (give it only for single-recipient transactions, to avoid
     disclosing Bcc recipients); `tls` adds a "(using ...)" comment; `protocol` is an RFC 3848 WITH
-    keyword (ESMTPS, ESMTPSA, UTF8SMTPS, ...).
+    keyword (ESMTPS, ESMTPSA, UTF8SMTPS, ...); `when` defaults to now.
     """
     done, current, width = _head(from_helo, peer_ip, peer_host, by_host, tls)
     proto = protocol.upper() if protocol.upper() in PROTOCOLS else "ESMTP"
@@ -104,7 +104,7 @@ def received_header(
     if clean_rcpt:
         tokens.append(f"for <{clean_rcpt}>")
     tokens[-1] += ";"  # RFC 5321 §4.4: Stamp = ... [CFWS] ";" FWS date-time
-    tokens.append(format_date(when))
+    tokens.append(format_now() if when is None else format_date(when))
     done, current, _ = _fold_on(done, current, width, tokens)
     return (done + current).encode("ascii") + b"\r\n"
 

@@ -21,6 +21,7 @@ per round trip costs CPU on every one of them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -252,6 +253,7 @@ class _SmtpProtocol(asyncio.Protocol):
         self._paused_reading = False
         self._done = False
         self._closed: asyncio.Future[None] | None = None  # made only when someone waits
+        self._plain = False  # plain TCP (no TLS): the last reply may carry the FIN
         self._trace = tracing()
 
     @property
@@ -276,6 +278,8 @@ class _SmtpProtocol(asyncio.Protocol):
             tls = None
             if t.get_extra_info("sslcontext") is not None:
                 tls = tlsmod.describe(t.get_extra_info("ssl_object"))
+            else:
+                self._plain = True
             self.session = server.session_class(server.ctx, self.kind, ip, conn_id, tls=tls)
         else:
             server._enlist(self)
@@ -436,6 +440,7 @@ class _SmtpProtocol(asyncio.Protocol):
         # Whatever arrives from now on comes over TLS (the handshake takes the raw bytes), and
         # may arrive before the handshake's waiter wakes us: it goes to the new connection.
         self.conn = new
+        self._plain = False
         try:
             upgraded = await self.loop.start_tls(
                 transport,
@@ -519,7 +524,11 @@ class _SmtpProtocol(asyncio.Protocol):
     def _finish(self) -> None:
         """Flush and close (plain TCP at once; TLS after its close_notify). A command still in
         progress finishes on its own (a letter being committed is never cut off); its reply
-        goes nowhere."""
+        goes nowhere. On plain TCP the last reply (221 after QUIT) is corked so that the FIN
+        leaves in the same segment: one segment less through both ends' TCP stacks (and one
+        wake-up less for the client) per connection."""
+        if self._plain and self._out and self.transport is not None:
+            _cork(self.transport)
         self._flush_now()
         self._done = True
         if self.transport is not None:
@@ -547,6 +556,18 @@ class _SmtpProtocol(asyncio.Protocol):
         if self._closed is None:
             self._closed = self.loop.create_future()
         await self._closed
+
+
+_TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)  # Linux
+
+
+def _cork(transport: asyncio.Transport) -> None:
+    """Hold what is written next until the close sends it with the FIN (Linux's TCP_CORK; the
+    close pushes it out at once)."""
+    sock = transport.get_extra_info("socket")
+    if _TCP_CORK is not None and sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 1)
 
 
 def split_address(address: str) -> tuple[str, int]:

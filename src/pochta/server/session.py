@@ -462,7 +462,6 @@ class Session:
             queue_id=queue_id,
             recipient=rcpts[0] if len(rcpts) == 1 else None,
             tls=self.tls,
-            when=datetime.now(UTC),
         )
 
     # -- AUTH (RFC 4954) ----------------------------------------------------------------------

@@ -31,6 +31,14 @@ import platform
 import select
 import struct
 from collections.abc import Callable
+from types import ModuleType
+
+try:  # the two calls of every commit in C (scripts/build_native.py); else through ctypes
+    from pochta.store import _aio as _native_aio
+
+    NATIVE: ModuleType | None = _native_aio
+except ImportError:
+    NATIVE = None
 
 Done = Callable[[BaseException | None], None]
 
@@ -48,14 +56,21 @@ _EVENT = struct.Struct("<QQqq")  # struct io_event: data, obj, res, res2
 class WalSync:
     """fdatasync of one WAL file, one at a time, its outcome handed to `done` on the loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, wal_path: str, *, aio: bool = True) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        wal_path: str,
+        *,
+        aio: bool = True,
+        native: ModuleType | None = NATIVE,
+    ) -> None:
         self.loop = loop
         self.fd = os.open(wal_path, os.O_RDONLY | os.O_CLOEXEC)
         self._done: Done | None = None
         self._aio: _Aio | None = None
         if aio:
             try:
-                self._aio = _Aio(self.fd)
+                self._aio = _Aio(self.fd, native)
             except OSError:
                 self._aio = None
         if self._aio is not None:
@@ -104,9 +119,10 @@ class WalSync:
 
 
 class _Aio:
-    """One Linux AIO context with a prepared `IOCB_CMD_FDSYNC` for one descriptor."""
+    """One Linux AIO context with a prepared `IOCB_CMD_FDSYNC` for one descriptor; `native`
+    (`pochta.store._aio`) makes the submit and reap calls in C, else ctypes does."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, native: ModuleType | None = None) -> None:
         numbers = _SYSCALLS.get(platform.machine())
         if numbers is None or not hasattr(os, "eventfd"):
             raise OSError("no Linux AIO here")
@@ -130,6 +146,8 @@ class _Aio:
         self._iocbs = (ctypes.c_void_p * 1)(ctypes.addressof(self._iocb))
         self._events = ctypes.create_string_buffer(_EVENT.size * 4)
         self._no_wait = (ctypes.c_long * 2)(0, 0)
+        self._fd = fd
+        self._native = native
         try:  # an fdatasync right away: refused here means refused later (EINVAL before 4.18)
             self.submit()
             select.select([self.eventfd], [], [], 5.0)
@@ -140,12 +158,17 @@ class _Aio:
             raise
 
     def submit(self) -> None:
+        if self._native is not None:
+            self._native.submit(self._ctx.value, self._fd, self.eventfd)
+            return
         if self._syscall(self._submit, self._ctx, self._one, self._iocbs) != 1:
             err = ctypes.get_errno()
             raise OSError(err, f"io_submit: {os.strerror(err)}")
 
     def reap(self) -> bool:
         """Take the completion (if any) after the eventfd fired; raise for a failed sync."""
+        if self._native is not None:
+            return bool(self._native.reap(self._ctx.value, self.eventfd))
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.eventfd)
         n: int = self._syscall(
