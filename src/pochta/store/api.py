@@ -20,7 +20,7 @@ Rules every engine keeps:
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Final, Protocol
@@ -330,9 +330,10 @@ class MailStore(Protocol):
         cannot: then `await resolve()`. Spares the SMTP server a task per RCPT."""
 
     # -- mail ---------------------------------------------------------------------------------
-    async def deliver(self, letter: Letter) -> Accepted:
+    def deliver(self, letter: Letter) -> Awaitable[Accepted]:
         """Store the body once, a copy per target, queue `outbound`; one durable transaction.
-        A target whose user does not exist raises NotFound and nothing is stored."""
+        A target whose user does not exist raises NotFound and nothing is stored. (An awaitable
+        rather than a coroutine function: the SQLite engine hands back its write's future.)"""
 
     async def list_mailboxes(self, address: str) -> list[MailboxInfo]: ...
 

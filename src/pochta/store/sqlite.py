@@ -194,12 +194,13 @@ class SqliteStore:
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    async def _write(self, fn: Callable[[Conn], T], *, size: int = 0) -> T:
+    def _write(self, fn: Callable[[Conn], T], *, size: int = 0) -> asyncio.Future[T]:
+        """Submit a write to the group commit; its future (no coroutine frame of its own)."""
         if self._writer is None:
             raise StoreUnavailable("the store is not open")
         future: asyncio.Future[T] = self._writer.loop.create_future()
         self._writer.submit(Request(fn=fn, future=future, size=size))
-        return await future
+        return future
 
     async def _read(self, fn: Callable[[Conn], T]) -> T:
         if self._readers is None:
@@ -338,10 +339,10 @@ class SqliteStore:
 
     # -- mail -----------------------------------------------------------------------------------
 
-    async def deliver(self, letter: Letter) -> Accepted:
+    def deliver(self, letter: Letter) -> asyncio.Future[Accepted]:
         now = cm.utcnow()
         size = sum(map(len, body_parts(letter.body)))
-        return await self._write(lambda c: ops.deliver(c, letter, now), size=size)
+        return self._write(lambda c: ops.deliver(c, letter, now), size=size)
 
     async def delete_message(self, message_id: int) -> None:
         """Expunge one message (its UID is never handed out again). Not in the api.py Protocol."""
