@@ -46,8 +46,8 @@ async def test_syncs_complete_on_the_loop(tmp_path: Path, aio: bool, native: Any
 
 @pytest.mark.parametrize(("aio", "native"), PATHS)
 async def test_a_file_that_cannot_be_synced_reports_the_error(aio: bool, native: Any) -> None:
-    """/dev/null has no fsync (EINVAL): the AIO probe refuses it (the failed completion raised
-    by either path's reap) and the thread reports it."""
+    """/dev/null has no fsync (EINVAL): the AIO probe refuses it (io_submit fails, in C or
+    through ctypes) and the thread reports it."""
     sync = WalSync(asyncio.get_running_loop(), "/dev/null", aio=aio, native=native)
     try:
         assert not sync.asynchronous
