@@ -330,7 +330,7 @@ class Writer:
         due = (
             self._since_checkpoint >= CHECKPOINT_EVERY
             or self._wal_letters >= CHECKPOINT_BYTES
-            or self._wal_frames * self._page_size >= WAL_LIMIT
+            or self._wal_full()
         )
         if due and self._start_checkpoint():  # it must run between batches
             self._off_loop(lambda: _checkpoint(self._conn), lambda _v, _e: self._next())
@@ -341,13 +341,17 @@ class Writer:
         self.commits += 1
         self._resolve(results)
 
+    def _wal_full(self) -> bool:
+        """The WAL held WAL_LIMIT octets of frames when the last checkpoint aside began."""
+        return self._wal_frames * self._page_size >= WAL_LIMIT
+
     def _start_checkpoint(self) -> bool:
         """A checkpoint is due: start one aside (True: it must run between batches instead,
         the WAL having grown to WAL_LIMIT without starting over). Not while one runs aside."""
         if self._aside is not None or self._aside_conn is None:
             return False
         self._since_checkpoint = self._wal_letters = 0
-        if self._wal_frames * self._page_size >= WAL_LIMIT:
+        if self._wal_full():
             self._wal_frames = 0
             return True
         self._aside = self.loop.run_in_executor(None, _checkpoint, self._aside_conn)
